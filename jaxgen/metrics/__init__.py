@@ -1,0 +1,1 @@
+"""Evaluation metrics and the feature networks jaxgen trains for offline evaluation."""
