@@ -1,0 +1,1 @@
+"""Benchmarks: jaxgen models against equivalent PyTorch networks (not part of the library)."""
