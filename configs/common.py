@@ -15,7 +15,8 @@ def base_config() -> ml_collections.ConfigDict:
       source="mnist5k", tfds_name="", tfds_data_dir="", image_size=28, random_flip=False,
       num_classes=10))
   c.diffusion = ml_collections.ConfigDict(dict(
-      schedule="cosine", num_steps=1000, prediction="eps", label_dropout=0.1))
+      schedule="cosine", num_steps=1000, prediction="eps", label_dropout=0.1,
+      min_snr_gamma=0.0))
   c.optimizer = ml_collections.ConfigDict(dict(
       name="adamw", lr=2e-3, b1=0.9, b2=0.99, weight_decay=0.01, schedule="one_cycle",
       warmup_frac=0.15, grad_clip=1.0, ema_decay=0.999))

@@ -13,9 +13,7 @@ import sys
 from typing import List, Optional
 
 import jax
-import numpy as np
 
-from jaxgen import visualize
 from jaxgen.config import load_config
 from jaxgen.errors import ConfigError, JaxgenError
 
@@ -53,52 +51,30 @@ def parse_args(argv: List[str]):
 
 
 def run_sample(config, workdir: str) -> str:
-  """Writes DIR/samples/samples.npz, a per-class grid and one grid per class."""
+  """Writes the task's samples under DIR/samples (for diffusion: samples.npz and grids)."""
   from jaxgen.train import loop  # pylint: disable=g-import-not-at-top
   setup = loop.build(config, workdir, require_checkpoint=True)
-  labels = loop.class_labels(setup.task.num_classes, config.sample.num_per_class)
-  images = visualize.to_uint8(loop.generate(setup, labels, seed=config.seed))
   out = os.path.join(workdir, "samples")
-  if jax.process_index() == 0:
-    os.makedirs(out, exist_ok=True)
-    np.savez(os.path.join(out, "samples.npz"), images=images, labels=labels)
-    visualize.save_class_grid(os.path.join(out, "grid.png"), images, labels,
-                              setup.task.num_classes)
-    for k in range(setup.task.num_classes):
-      visualize.save_png(os.path.join(out, f"class_{k}.png"),
-                         visualize.image_grid(images[labels == k], rows=max(
-                             1, int(np.sqrt(np.sum(labels == k))))))
-  print(f"wrote {len(images)} samples to {out}/samples.npz and {out}/grid.png", flush=True)
+  setup.task.write_samples(setup, out)
   return out
 
 
 def run_eval(config, workdir: str) -> dict:
-  """Class accuracy of generated samples under a classifier jaxgen trains on the real data."""
-  from jaxgen.metrics import classifier  # pylint: disable=g-import-not-at-top
+  """Runs the task's evaluation; writes DIR/eval/<step>.json and TensorBoard scalars."""
   from jaxgen.train import loop  # pylint: disable=g-import-not-at-top
   setup = loop.build(config, workdir, require_checkpoint=True)
-  n = setup.task.num_classes
-  per_class = -(-config.eval.num_samples // n)
-  labels = loop.class_labels(n, per_class)
-  model, params, real_accuracy = classifier.cached_classifier(
-      config.data, os.path.join(workdir, "eval"), epochs=config.eval.classifier_epochs)
-  images = loop.generate(setup, labels, seed=config.seed + 12345)
-  predicted = classifier.predict(model, params, images.astype(np.float32))
-  result = {
-      "step": setup.step,
-      "num_samples": int(len(labels)),
-      "class_accuracy": float(np.mean(predicted == labels)),
-      "per_class_accuracy": [float(np.mean(predicted[labels == k] == k)) for k in range(n)],
-      "classifier_real_test_accuracy": real_accuracy,
-      "sampler": config.sample.to_dict(),
-  }
+  out = os.path.join(workdir, "eval")
+  result = {"step": setup.step, **setup.task.evaluate(setup, out)}
   if jax.process_index() == 0:
-    path = os.path.join(workdir, "eval", f"{setup.step}.json")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
+    os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, f"{setup.step}.json")
     with open(path, "w") as f:
       json.dump(result, f, indent=1)
-    print(f"class accuracy {result['class_accuracy']:.4f} on {len(labels)} samples "
-          f"(classifier: {real_accuracy:.4f} on real test digits); wrote {path}", flush=True)
+    scalars = {f"eval/{k}": v for k, v in result.items() if isinstance(v, (int, float))}
+    loop.MetricsLog.write_tensorboard(workdir, setup.step, scalars)
+    summary = ", ".join(f"{k} {v:.4f}" for k, v in result.items()
+                        if isinstance(v, float))
+    print(f"eval at step {setup.step}: {summary}; wrote {path}", flush=True)
   return result
 
 

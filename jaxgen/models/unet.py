@@ -34,7 +34,7 @@ def pixel_shuffle(x, r: int):
 
 
 class ResBlock(nn.Module):
-  """GroupNorm-SiLU-conv twice, the condition added in between, plus a (1x1) shortcut."""
+  """GroupNorm-SiLU-conv twice, the condition scaling and shifting in between, plus a shortcut."""
   channels: int
   num_groups: int = 32
   dropout: float = 0.0
@@ -44,8 +44,13 @@ class ResBlock(nn.Module):
   def __call__(self, x, emb, train: bool):
     conv = lambda name: nn.Conv(self.channels, (3, 3), dtype=self.dtype, name=name)
     h = conv("conv1")(nn.silu(nn.GroupNorm(self.num_groups, name="norm1")(x)))
-    h = h + nn.Dense(self.channels, dtype=self.dtype, name="emb_proj")(nn.silu(emb))[:, None, None]
-    h = nn.silu(nn.GroupNorm(self.num_groups, name="norm2")(h))
+    # Scale-shift conditioning (adaGN, Dhariwal & Nichol): the condition modulates the
+    # normalised features, which conditions more strongly than adding a bias.
+    scale, shift = jnp.split(
+        nn.Dense(2 * self.channels, dtype=self.dtype, name="emb_proj")(nn.silu(emb))[:, None, None],
+        2, axis=-1)
+    h = nn.GroupNorm(self.num_groups, name="norm2")(h) * (1 + scale) + shift
+    h = nn.silu(h)
     h = nn.Dropout(self.dropout, deterministic=not train)(h)
     # Zero-init the last conv so every block starts as the identity (stable early training).
     h = nn.Conv(self.channels, (3, 3), dtype=self.dtype, kernel_init=nn.initializers.zeros,

@@ -23,6 +23,8 @@ from jaxgen.registry import TASKS
 class DiffusionTask:
   """Noise-prediction training and guided sampling of `config.model` on `config.data`."""
 
+  clip_x0 = True  # Pixels live in [-1, 1]; latent diffusion (a subclass) must not clip.
+
   def __init__(self, config: ml_collections.ConfigDict, image_shape, num_classes: int):
     self.config = config
     self.image_shape = tuple(image_shape)
@@ -51,7 +53,7 @@ class DiffusionTask:
     loss, aux = diffusion_loss(
         self._model_fn(params, model_state, True, model_rng), batch["image"], batch["label"],
         loss_rng, self.schedule, prediction=d.prediction, label_dropout=d.label_dropout,
-        null_label=self.num_classes)
+        null_label=self.num_classes, min_snr_gamma=d.get("min_snr_gamma", 0.0))
     del aux
     return loss, ({}, model_state)
 
@@ -63,10 +65,45 @@ class DiffusionTask:
         labels, self.schedule, method=s.method, num_steps=s.num_steps, eta=s.eta,
         guidance_scale=s.guidance_scale,
         uncond=jnp.full_like(labels, self.num_classes),
-        prediction=self.config.diffusion.prediction)
+        prediction=self.config.diffusion.prediction, clip_x0=self.clip_x0)
 
   def write_static_visuals(self, workdir: str) -> None:
     visualize.plot_schedule(
         os.path.join(workdir, "schedule.png"), np.asarray(self.schedule.betas),
         np.asarray(self.schedule.alphas_cumprod),
         title=f"{self.config.diffusion.schedule} schedule, T={self.config.diffusion.num_steps}")
+
+  def write_samples(self, setup, out: str) -> None:
+    """samples.npz (uint8 images, int labels), grid.png (a row per class), class_K.png."""
+    from jaxgen.train import loop  # pylint: disable=g-import-not-at-top
+    labels = loop.class_labels(self.num_classes, self.config.sample.num_per_class)
+    images = visualize.to_uint8(loop.generate(setup, labels, seed=self.config.seed))
+    if jax.process_index() != 0:
+      return
+    os.makedirs(out, exist_ok=True)
+    np.savez(os.path.join(out, "samples.npz"), images=images, labels=labels)
+    visualize.save_class_grid(os.path.join(out, "grid.png"), images, labels, self.num_classes)
+    for k in range(self.num_classes):
+      of_k = images[labels == k]
+      visualize.save_png(os.path.join(out, f"class_{k}.png"),
+                         visualize.image_grid(of_k, rows=max(1, int(np.sqrt(len(of_k))))))
+    print(f"wrote {len(images)} samples to {out}/samples.npz and {out}/grid.png", flush=True)
+
+  def evaluate(self, setup, out: str) -> dict:
+    """Class accuracy of generated samples under a classifier jaxgen trains on the real data."""
+    from jaxgen.metrics import classifier  # pylint: disable=g-import-not-at-top
+    from jaxgen.train import loop  # pylint: disable=g-import-not-at-top
+    e = self.config.eval
+    labels = loop.class_labels(self.num_classes, -(-e.num_samples // self.num_classes))
+    model, params, real_accuracy = classifier.cached_classifier(
+        self.config.data, out, epochs=e.classifier_epochs)
+    images = loop.generate(setup, labels, seed=self.config.seed + 12345)
+    predicted = classifier.predict(model, params, images.astype(np.float32))
+    return {
+        "num_samples": int(len(labels)),
+        "class_accuracy": float(np.mean(predicted == labels)),
+        "per_class_accuracy": [float(np.mean(predicted[labels == k] == k))
+                               for k in range(self.num_classes)],
+        "classifier_real_test_accuracy": real_accuracy,
+        "sampler": self.config.sample.to_dict(),
+    }

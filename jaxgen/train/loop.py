@@ -53,7 +53,10 @@ def build(config: ml_collections.ConfigDict, workdir: str, *, restore: bool = Tr
   mesh = sharding.make_mesh(config.mesh)
   sharding.check_batch_size(config.training.batch_size, mesh)
   task = make_task(config)
-  tx, lr_schedule = make_optimizer(config.optimizer, config.training.steps)
+  # A task may own its optimizer (e.g. a GAN's two optimizers, or training only some layers).
+  make_tx = getattr(task, "make_optimizer", None) or (
+      lambda steps: make_optimizer(config.optimizer, steps))
+  tx, lr_schedule = make_tx(config.training.steps)
 
   def init_state(rng):
     params, model_state = task.init(rng, None)
@@ -75,6 +78,8 @@ def build(config: ml_collections.ConfigDict, workdir: str, *, restore: bool = Tr
                           f"--mode=train --workdir={workdir}")
   else:
     state = jax.jit(init_fn, out_shardings=state_shardings)(rng)
+    if hasattr(task, "warm_start"):  # A fresh run may start from other weights (a prior phase).
+      state = task.warm_start(state)
   return Setup(config, workdir, mesh, task, tx, lr_schedule, state, checkpointer, data_state)
 
 
@@ -89,6 +94,13 @@ class MetricsLog:
     if self.is_writer:
       from clu import metric_writers  # pylint: disable=g-import-not-at-top
       self.tb = metric_writers.SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+  @staticmethod
+  def write_tensorboard(workdir: str, step: int, scalars: dict) -> None:
+    from clu import metric_writers  # pylint: disable=g-import-not-at-top
+    writer = metric_writers.SummaryWriter(os.path.join(workdir, "tensorboard"))
+    writer.write_scalars(step, scalars)
+    writer.close()
 
   def write(self, step: int, scalars: dict, steps_per_sec: float, batch_size: int):
     if not self.is_writer:
@@ -198,6 +210,9 @@ def class_labels(num_classes: int, per_class: int) -> np.ndarray:
 
 
 def write_sample_grid(setup: Setup, state: TrainState, path: str, per_class: int = 8) -> None:
+  if hasattr(setup.task, "write_sample_grid"):  # Tasks that do not generate from labels.
+    setup.task.write_sample_grid(setup, state, path)
+    return
   labels = class_labels(setup.task.num_classes, per_class)
   images = visualize.to_uint8(generate(setup, labels, seed=0, state=state))
   if jax.process_index() == 0:
