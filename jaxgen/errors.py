@@ -23,3 +23,19 @@ class WeightsError(JaxgenError):
 
 class NonFiniteLossError(JaxgenError):
   """Training produced a NaN or inf loss."""
+
+
+def cli(main):
+  """Wraps a command's `main(argv)`: argv defaults to sys.argv[1:]; a JaxgenError prints one
+  `error:` line and returns 2 (the exit code of every jaxgen command on bad input)."""
+  import functools  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+
+  @functools.wraps(main)
+  def wrapped(argv=None) -> int:
+    try:
+      return main(sys.argv[1:] if argv is None else argv) or 0
+    except JaxgenError as e:
+      print(f"error: {e}", file=sys.stderr, flush=True)
+      return 2
+  return wrapped

@@ -10,12 +10,12 @@ corrupt checkpoint, non-finite loss) print one `error:` line and exit with statu
 import json
 import os
 import sys
-from typing import List, Optional
+from typing import List
 
 import jax
 
 from jaxgen.config import load_config
-from jaxgen.errors import ConfigError, JaxgenError
+from jaxgen.errors import ConfigError, cli
 
 USAGE = ("usage: python -m jaxgen.main --config=FILE[:preset] --workdir=DIR "
          "[--mode=train|sample|eval] [--config.a.b=value ...]")
@@ -78,22 +78,17 @@ def run_eval(config, workdir: str) -> dict:
   return result
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-  argv = sys.argv[1:] if argv is None else argv
-  try:
-    spec, workdir, mode, overrides = parse_args(argv)
-    config = load_config(spec, overrides)
-    if mode == "train":
-      from jaxgen.train import loop  # pylint: disable=g-import-not-at-top
-      loop.train(config, workdir)
-    elif mode == "sample":
-      run_sample(config, workdir)
-    else:
-      run_eval(config, workdir)
-  except JaxgenError as e:
-    print(f"error: {e}", file=sys.stderr, flush=True)
-    return 2
-  return 0
+@cli
+def main(argv: List[str]) -> int:
+  spec, workdir, mode, overrides = parse_args(argv)
+  config = load_config(spec, overrides)
+  if mode == "train":
+    from jaxgen.train import loop  # pylint: disable=g-import-not-at-top
+    loop.train(config, workdir)
+  elif mode == "sample":
+    run_sample(config, workdir)
+  else:
+    run_eval(config, workdir)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,8 @@ Optional (read with .get, absent from most configs):
   crops_per_photo photos: random crops per train photo per epoch (default 100)
   num_threads     reader threads (default 0 for the embedded sources, 8 for tfds)
   prefetch        batches read ahead (default num_threads)
+  latent_cache    latent diffusion: a directory written by `python -m jaxgen.data.latent_cache`;
+                  the train split then yields {"latent", "label"} batches (jaxgen.data.latent_cache)
 """
 
 from jaxgen.data.base import DatasetInfo

@@ -12,6 +12,7 @@ restorable under another process count or another batch size that divides it.
 """
 
 import functools
+import os
 from typing import Iterator, Optional, Tuple
 
 import grain
@@ -19,6 +20,7 @@ import ml_collections
 import numpy as np
 
 from jaxgen.data import embedded
+from jaxgen.data import latent_cache
 from jaxgen.data import tfds_source
 from jaxgen.data import transforms
 from jaxgen.data.base import DatasetInfo
@@ -49,7 +51,16 @@ def get_source(data_config: ml_collections.ConfigDict):
 
 def dataset_info(data_config: ml_collections.ConfigDict) -> DatasetInfo:
   """Image shape, class count and train size, without reading the images."""
+  if data_config.get("latent_cache"):  # Training from latents needs no image dataset.
+    return latent_cache.LatentCache(data_config).info
   return get_source(data_config).info
+
+
+def _source_for(data_config: ml_collections.ConfigDict, split: str):
+  """The source of `split`: a latent cache replaces the images of the train split."""
+  if split == "train" and data_config.get("latent_cache"):
+    return latent_cache.LatentCache(data_config)
+  return get_source(data_config)
 
 
 def _derived_seed(seed: int, stream: int) -> int:
@@ -61,6 +72,8 @@ def _description(data_config, split: str) -> str:
   name = data_config.source
   if name == "tfds":
     name = f"tfds:{data_config.tfds_name}"
+  if split == "train" and data_config.get("latent_cache"):
+    name = f"latent_cache:{os.path.abspath(str(data_config.latent_cache))}:{name}"
   return f"{name}/{split}@{int(data_config.image_size)}"
 
 
@@ -130,7 +143,7 @@ def make_iterator(data_config: ml_collections.ConfigDict, *, split: str = "train
       unequal batch counts (fine on one process, e.g. evaluation).
     augment: random crops (photos) and, with data.random_flip, flips; default: split == "train".
   """
-  source = get_source(data_config)
+  source = _source_for(data_config, split)
   if process_index is None or process_count is None:
     import jax  # pylint: disable=g-import-not-at-top
     process_index = jax.process_index() if process_index is None else process_index
@@ -153,8 +166,9 @@ def make_iterator(data_config: ml_collections.ConfigDict, *, split: str = "train
   ds = ds.repeat(num_epochs)  # Shuffle before repeat: each epoch is permuted afresh.
   if num_epochs is not None and drop_remainder:
     ds = ds[:len(ds) // global_batch_size * global_batch_size]
-  example = functools.partial(_make_example, source, split,
-                              bool(augment and data_config.random_flip))
+  # A latent cache flips by itself (it picks the stored latent of the flipped image).
+  flip = bool(augment and data_config.random_flip and source.name != latent_cache.LatentCache.name)
+  example = functools.partial(_make_example, source, split, flip)
   if augment:
     # Seeded by stream position (before sharding): independent of the process count.
     ds = ds.random_map(example, seed=_derived_seed(seed, 1))
@@ -175,6 +189,8 @@ def load_arrays(data_config: ml_collections.ConfigDict,
 
   photos: the grid crops of the split's photos (train photos for "train").
   """
+  if data_config.get("latent_cache"):  # Always the images, never the cached latents.
+    data_config = ml_collections.ConfigDict(dict(data_config.to_dict(), latent_cache=""))
   source = get_source(data_config)
   if hasattr(source, "arrays"):
     images, labels = source.arrays(split)

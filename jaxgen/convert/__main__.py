@@ -1,0 +1,50 @@
+"""python -m jaxgen.convert --src=DIR --dst=DIR [--name=VARIANT]
+
+Converts a diffusers model directory (config.json + diffusion_pytorch_model.safetensors, e.g.
+a hub `mit-han-lab/dc-ae-*-diffusers` snapshot or a DiT `transformer/` folder) or an original
+efficientvit DC-AE checkpoint (a DCAE_HF directory, a .safetensors or a .pt file; `--name`
+names the variant when the directory does not) into a jaxgen directory: jaxgen_model.json
+plus an orbax checkpoint of the variables. Load it with
+`jaxgen.convert.load_converted(DST)`; `python -m jaxgen.reconstruct --checkpoint=DST` and
+`autoencoder.init_from=DST` read it too. Errors print one `error:` line and exit with 2.
+"""
+
+import sys
+from typing import List
+
+import jax
+import numpy as np
+
+from jaxgen.errors import ConfigError, cli
+
+USAGE = "usage: python -m jaxgen.convert --src=DIR --dst=DIR [--name=VARIANT]"
+
+
+def parse_args(argv: List[str]):
+  args = {"src": None, "dst": None, "name": None}
+  for arg in argv:
+    if arg in ("-h", "--help"):
+      print(__doc__)
+      sys.exit(0)
+    key, sep, value = arg.partition("=")
+    if not (sep and key.startswith("--") and key[2:] in args):
+      raise ConfigError(f"unrecognised argument {arg!r}. {USAGE}")
+    args[key[2:]] = value
+  if not args["src"] or not args["dst"]:
+    raise ConfigError(f"--src and --dst are required. {USAGE}")
+  return args
+
+
+@cli
+def main(argv: List[str]) -> int:
+  args = parse_args(argv)
+  from jaxgen.convert.saved import convert_any, save_converted  # pylint: disable=g-import-not-at-top
+  module, variables, kind = convert_any(args["src"], args["name"])
+  dst = save_converted(args["dst"], module, variables, source=f"{kind}: {args['src']}")
+  n = sum(np.size(x) for x in jax.tree.leaves(variables.get("params", {})))
+  print(f"converted {kind} ({type(module).__name__}, {n:,} parameters) from {args['src']} "
+        f"to {dst}", flush=True)
+
+
+if __name__ == "__main__":
+  sys.exit(main())
