@@ -5,6 +5,8 @@ Each runnable config starts from `base_config()` and changes what differs.
 
 import ml_collections
 
+from jaxgen import sharding
+
 
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
@@ -20,16 +22,34 @@ def base_config() -> ml_collections.ConfigDict:
   c.optimizer = ml_collections.ConfigDict(dict(
       name="adamw", lr=2e-3, b1=0.9, b2=0.99, weight_decay=0.01, schedule="one_cycle",
       warmup_frac=0.15, grad_clip=1.0, ema_decay=0.999))
+  # compute_dtype: "bfloat16" computes the model in bf16 (params, Adam, EMA stay fp32).
+  # grad_accum_steps: microbatches per update (batch_size stays the global batch per update).
+  # remat: "none" | "dots" | "dots_no_batch" | "full" (jax.checkpoint policy on the loss).
   c.training = ml_collections.ConfigDict(dict(
-      batch_size=128, steps=1000, log_every=50, sample_every=0))
-  c.checkpoint = ml_collections.ConfigDict(dict(every=500, keep=3, async_save=True))
+      batch_size=128, steps=1000, log_every=50, sample_every=0, compute_dtype="float32",
+      grad_accum_steps=1, remat="none"))
+  # Orbax: a step is renamed into place only when complete; save_on_preemption: SIGTERM saves.
+  c.checkpoint = ml_collections.ConfigDict(dict(every=500, keep=3, async_save=True,
+                                                save_on_preemption=True))
   c.sample = ml_collections.ConfigDict(dict(
       method="ddim", num_steps=50, eta=0.0, guidance_scale=2.0, num_per_class=10,
       batch_size=256))
-  # Class accuracy of samples under a classifier trained on the real data (cached in workdir/eval).
-  c.eval = ml_collections.ConfigDict(dict(num_samples=1000, classifier_epochs=8))
+  # `--mode=eval` (jaxgen/metrics/evaluate.py): metrics is a comma-separated list ("" = the
+  # task's defaults, e.g. class_accuracy,fd_digits,pr_digits; fid,is / rfid when
+  # inception_weights points at pytorch-fid's pt_inception-2015-12-05-6726825d.pth).
+  # The digit classifier and reference statistics are cached in cache_dir ("" = DIR/eval).
+  c.eval = ml_collections.ConfigDict(dict(
+      num_samples=1000, classifier_epochs=8, metrics="", inception_weights="",
+      reference_stats="", reference_split="train", reference_samples=10000, cache_dir="",
+      is_splits=10, pr_k=3, kid_subsets=100, kid_subset_size=1000, alexnet_size=224))
   # Axis sizes (one may be -1: the rest); num_devices 0 = all devices, N = the first N.
-  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, num_devices=0))
+  # rules: logical axis name -> mesh axes (for modules that annotate their parameters);
+  # other parameters with >= min_shard_size elements are split over `fsdp` (jaxgen/sharding.py).
+  # distributed / coordinator_address / num_processes / process_id: jaxgen/distributed.py.
+  c.mesh = ml_collections.ConfigDict(dict(
+      data=-1, fsdp=1, tensor=1, num_devices=0, rules=sharding.DEFAULT_RULES,
+      min_shard_size=sharding.DEFAULT_MIN_SHARD_SIZE, distributed="auto",
+      coordinator_address="", num_processes=0, process_id=-1))
   return c
 
 
@@ -38,5 +58,5 @@ def smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.training.update(batch_size=16, steps=4, log_every=2, sample_every=0)
   c.checkpoint.update(every=2, async_save=False)
   c.sample.update(num_steps=4, num_per_class=2, batch_size=32)
-  c.eval.update(num_samples=20, classifier_epochs=1)
+  c.eval.update(num_samples=20, classifier_epochs=1, reference_samples=200, alexnet_size=64)
   return c

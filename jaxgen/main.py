@@ -7,7 +7,6 @@ Train resumes from DIR's newest checkpoint by itself. User errors (bad config, m
 corrupt checkpoint, non-finite loss) print one `error:` line and exit with status 2.
 """
 
-import json
 import os
 import sys
 from typing import List
@@ -60,21 +59,21 @@ def run_sample(config, workdir: str) -> str:
 
 
 def run_eval(config, workdir: str) -> dict:
-  """Runs the task's evaluation; writes DIR/eval/<step>.json and TensorBoard scalars."""
+  """Runs the task's evaluation (config.eval.metrics; see jaxgen/metrics/evaluate.py) of the
+  newest checkpoint; writes DIR/eval/<step>.json and TensorBoard scalars eval/<metric>."""
+  from jaxgen.metrics import evaluate  # pylint: disable=g-import-not-at-top
   from jaxgen.train import loop  # pylint: disable=g-import-not-at-top
   setup = loop.build(config, workdir, require_checkpoint=True)
   out = os.path.join(workdir, "eval")
   result = {"step": setup.step, **setup.task.evaluate(setup, out)}
   if jax.process_index() == 0:
-    os.makedirs(out, exist_ok=True)
     path = os.path.join(out, f"{setup.step}.json")
-    with open(path, "w") as f:
-      json.dump(result, f, indent=1)
-    scalars = {f"eval/{k}": v for k, v in result.items() if isinstance(v, (int, float))}
+    evaluate.write_json(path, result)
+    scalars = {f"eval/{k}": v for k, v in result.items()
+               if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step"}
     loop.MetricsLog.write_tensorboard(workdir, setup.step, scalars)
-    summary = ", ".join(f"{k} {v:.4f}" for k, v in result.items()
-                        if isinstance(v, float))
-    print(f"eval at step {setup.step}: {summary}; wrote {path}", flush=True)
+    print(f"eval at step {setup.step}: {evaluate.summary_line(result)}; wrote {path}",
+          flush=True)
   return result
 
 

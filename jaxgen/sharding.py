@@ -1,20 +1,47 @@
-"""Device mesh and shardings: the batch is split over the `data` axis, state is replicated.
+"""Device mesh and shardings: the batch over (data, fsdp), parameters FSDP-style over fsdp.
 
 The mesh axes come from `config.mesh` (sizes; one may be -1 for "the rest of the devices").
-FSDP / tensor axes plug in here (issue 5) without touching the trainer.
+Parameter, EMA and optimizer-state leaves are laid out by `state_shardings`:
+
+* a leaf that a module annotated with flax logical axis names (`nn.with_logical_partitioning`)
+  is placed by the config's logical axis rules (`mesh.rules`, maxdiffusion style: logical name
+  -> mesh axis or axes, None = replicated);
+* any other leaf with at least `mesh.min_shard_size` elements is split along its largest
+  dimension divisible by the fsdp axis size (ties: the last such dimension, i.e. output
+  features of HWIO / (in, out) kernels); smaller or indivisible leaves are replicated.
+
+XLA's SPMD partitioner then all-gathers the weights for the forward and reduce-scatters the
+gradients, so each device holds ~1/fsdp of the parameters and of Adam's moments.
 """
 
 import math
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
+import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
+import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxgen.errors import ConfigError
 
 AXES = ("data", "fsdp", "tensor")
+
+# Logical axis name -> mesh axis (or axes, or None: replicated). `batch` splits activations;
+# the others place parameters of modules that annotate their axes with these names.
+DEFAULT_RULES = (
+    ("batch", ("data", "fsdp")),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv", None),
+    ("conv_in", None),
+    ("conv_out", "fsdp"),
+    ("vocab", "tensor"),
+    ("norm", None),
+)
+DEFAULT_MIN_SHARD_SIZE = 2 ** 14  # Elements; smaller leaves are cheaper replicated.
 
 
 def make_mesh(mesh_config: ml_collections.ConfigDict,
@@ -37,7 +64,19 @@ def make_mesh(mesh_config: ml_collections.ConfigDict,
   if math.prod(sizes) != len(devices):
     raise ConfigError(f"config.mesh {dict(zip(AXES, sizes))} needs {math.prod(sizes)} devices, "
                       f"have {len(devices)}; set one axis to -1")
-  return Mesh(np.asarray(devices).reshape(sizes), AXES)
+  return Mesh(_device_grid(devices, sizes), AXES)
+
+
+def _device_grid(devices, sizes) -> np.ndarray:
+  """Devices arranged for the mesh: topology-aware (TPU ICI rings, GPU hosts) when all devices
+  are used, else in `jax.devices()` order (process-major, so `data` spans hosts first)."""
+  if len(devices) == jax.device_count() and len(devices) > 1:
+    try:
+      from jax.experimental import mesh_utils  # pylint: disable=g-import-not-at-top
+      return mesh_utils.create_device_mesh(sizes, devices)
+    except (ValueError, NotImplementedError, AssertionError):
+      pass  # A shape the physical topology cannot host as rings: plain order still works.
+  return np.asarray(devices).reshape(sizes)
 
 
 def batch_axes():
@@ -71,3 +110,100 @@ def put_batch(batch, mesh: Mesh):
     return jax.device_put(batch, sharding)
   return jax.tree.map(
       lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), batch)
+
+
+# -- parameter / optimizer-state layout -----------------------------------------------------------
+
+
+def logical_rules(mesh_config: Optional[ml_collections.ConfigDict]) -> tuple:
+  """`mesh.rules` as a tuple of (logical name, mesh axis | tuple of axes | None)."""
+  rules = DEFAULT_RULES if mesh_config is None else mesh_config.get("rules", DEFAULT_RULES)
+  out = []
+  for rule in rules:
+    if len(rule) != 2 or not isinstance(rule[0], str):
+      raise ConfigError(f"config.mesh.rules entry {rule!r} must be (logical_name, mesh_axes)")
+    name, axes = rule
+    axes = tuple(axes) if isinstance(axes, (list, tuple)) else axes
+    for a in (axes if isinstance(axes, tuple) else (axes,)):
+      if a is not None and a not in AXES:
+        raise ConfigError(f"config.mesh.rules: {name!r} -> {a!r} is not a mesh axis {AXES}")
+    out.append((name, axes))
+  return tuple(out)
+
+
+def fsdp_spec(shape: Sequence[int], fsdp_size: int, min_size: int) -> P:
+  """Shards the largest dimension divisible by `fsdp_size` (ties: the last); else replicated."""
+  if fsdp_size <= 1 or math.prod(shape) < max(min_size, 1):
+    return P()
+  best = None
+  for i, d in enumerate(shape):
+    if d % fsdp_size == 0 and (best is None or d >= shape[best]):
+      best = i
+  if best is None:
+    return P()
+  return P(*([None] * best + ["fsdp"]))
+
+
+def _is_box(x) -> bool:
+  return isinstance(x, nn.meta.AxisMetadata)
+
+
+def param_shardings(abstract_params, mesh: Mesh, rules: tuple, min_size: int):
+  """NamedShardings for a (possibly logically-annotated, i.e. boxed) abstract param tree.
+
+  Returns a tree of the *unboxed* structure: annotated leaves follow `rules`, the rest
+  `fsdp_spec`.
+  """
+  fsdp = mesh.shape["fsdp"]
+
+  def one(leaf):
+    if isinstance(leaf, nn.LogicallyPartitioned):
+      with nn.logical_axis_rules(rules):
+        spec = nn.logical_to_mesh_axes(leaf.names)
+      return NamedSharding(mesh, spec)
+    if isinstance(leaf, nn.Partitioned):
+      return NamedSharding(mesh, P(*leaf.names))
+    return NamedSharding(mesh, fsdp_spec(np.shape(leaf), fsdp, min_size))
+
+  return jax.tree.map(one, abstract_params, is_leaf=_is_box)
+
+
+def state_shardings(abstract_state, mesh: Mesh, *, tx=None, param_layout=None,
+                    min_size: int = DEFAULT_MIN_SHARD_SIZE):
+  """Shardings for a TrainState-like tree (step, params, ema_params, opt_state, model_state).
+
+  `param_layout`: shardings of `params` (default: `fsdp_spec` per leaf); EMA params follow
+  them, optimizer-state leaves that mirror a parameter (Adam's mu, nu) follow that parameter
+  (via `optax.tree_map_params` on `tx`), other leaves use `fsdp_spec`.
+  """
+  fsdp = mesh.shape["fsdp"]
+  by_shape = lambda x: NamedSharding(mesh, fsdp_spec(np.shape(x), fsdp, min_size))
+  params = (jax.tree.map(by_shape, abstract_state.params) if param_layout is None
+            else param_layout)
+  opt = jax.tree.map(by_shape, abstract_state.opt_state)
+  if tx is not None and param_layout is not None:
+    try:
+      opt = optax.tree_map_params(tx, lambda _, s: s, abstract_state.opt_state, params,
+                                  transform_non_params=by_shape)
+    except Exception:  # pylint: disable=broad-except
+      pass  # An optimizer state optax cannot map: shape-based layout (correct, maybe slower).
+  return abstract_state.replace(
+      step=replicated(mesh), params=params, ema_params=params, opt_state=opt,
+      model_state=jax.tree.map(by_shape, abstract_state.model_state))
+
+
+def bytes_per_device(tree, shardings) -> int:
+  """Bytes one device holds of `tree` (arrays or ShapeDtypeStructs) laid out by `shardings`."""
+  total = 0
+  for x, s in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings)):
+    shape = s.shard_shape(x.shape) if s is not None else x.shape
+    total += math.prod(shape) * np.dtype(x.dtype).itemsize
+  return total
+
+
+def tree_bytes(tree) -> int:
+  return sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
+
+
+def is_sharded(sharding: Any) -> bool:
+  return isinstance(sharding, NamedSharding) and any(a is not None for a in sharding.spec)

@@ -60,3 +60,13 @@ def test_shape_errors():
     frechet_distance(np.zeros(3), np.eye(3), np.zeros(2), np.eye(2))
   with pytest.raises(ValueError, match="at least 2"):
     feature_statistics(np.zeros((1, 4)))
+
+
+def test_exported_from_the_package():
+  import jaxgen.metrics  # pylint: disable=g-import-not-at-top
+  assert jaxgen.metrics.frechet_distance is frechet_distance
+  rng = np.random.default_rng(5)
+  mu1, s1 = feature_statistics(_features(rng, 300, 16))
+  mu2, s2 = feature_statistics(_features(rng, 300, 16, shift=1.0))
+  assert jaxgen.metrics.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(
+      scipy_frechet(mu1, s1, mu2, s2), rel=1e-6)

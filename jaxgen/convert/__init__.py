@@ -1,6 +1,7 @@
 """Weight conversion from diffusers / transformers directories to jaxgen modules.
 
-`model, variables = from_diffusers(path)` picks the converter by config.json's `_class_name`.
+`model, variables = from_diffusers(path)` picks the converter by config.json's `_class_name`;
+`from_transformers(path)` does the same for transformers directories by `model_type`.
 `python -m jaxgen.convert --src=DIR --dst=DIR` writes a converted directory;
 `load_converted(dir)` reads it back and `load_autoencoder(path)` reads any autoencoder form
 (converted, training workdir, diffusers, original); both live in `jaxgen.convert.saved`.
@@ -14,24 +15,46 @@ from jaxgen.errors import WeightsError
 # diffusers `_class_name` -> module under jaxgen.convert exposing `from_diffusers(path)`.
 DIFFUSERS_CONVERTERS = {
     "AutoencoderDC": "jaxgen.convert.dcae",
+    "AutoencoderKL": "jaxgen.convert.vae_kl",
     "DiTTransformer2DModel": "jaxgen.convert.dit",
     "Transformer2DModel": "jaxgen.convert.dit",  # The DiT hub checkpoints' legacy class name.
 }
 
 
-def from_diffusers(path: str):
-  """Returns (flax module, variables) for a diffusers-format model directory."""
+def _dispatch(path: str, library: str, key: str, files: str, converters: dict):
+  """The (module, variables) of the converter that `converters` names for config.json[key]."""
   import importlib  # pylint: disable=g-import-not-at-top
   config_path = os.path.join(path, "config.json")
   if not os.path.isfile(config_path):
-    raise WeightsError(f"{config_path} not found: pass a diffusers model directory "
-                       "(config.json + diffusion_pytorch_model.safetensors).")
+    raise WeightsError(f"{config_path} not found: pass a {library} model directory ({files}).")
   with open(config_path) as f:
-    class_name = json.load(f).get("_class_name")
-  if class_name not in DIFFUSERS_CONVERTERS:
-    raise WeightsError(f"{path}: diffusers class {class_name!r} has no converter; "
-                       f"supported: {sorted(DIFFUSERS_CONVERTERS)}.")
-  return importlib.import_module(DIFFUSERS_CONVERTERS[class_name]).from_diffusers(path)
+    name = json.load(f).get(key)
+  if name not in converters:
+    raise WeightsError(f"{path}: {library} {key} {name!r} has no converter; "
+                       f"supported: {sorted(converters)}.")
+  return getattr(importlib.import_module(converters[name]), f"from_{library}")(path)
+
+
+def from_diffusers(path: str):
+  """Returns (flax module, variables) for a diffusers-format model directory."""
+  return _dispatch(path, "diffusers", "_class_name",
+                   "config.json + diffusion_pytorch_model.safetensors", DIFFUSERS_CONVERTERS)
+
+
+# transformers config `model_type` -> module under jaxgen.convert exposing
+# `from_transformers(path)`.
+TRANSFORMERS_CONVERTERS = {
+    "clip": "jaxgen.convert.clip",
+    "clip_text_model": "jaxgen.convert.clip",
+    "clip_vision_model": "jaxgen.convert.clip",
+}
+
+
+def from_transformers(path: str):
+  """Returns (flax module, variables) for a transformers-format model directory
+  (config.json + model.safetensors, as `save_pretrained` writes it)."""
+  return _dispatch(path, "transformers", "model_type", "config.json + model.safetensors",
+                   TRANSFORMERS_CONVERTERS)
 
 
 def load_converted(path: str):

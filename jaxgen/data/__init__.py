@@ -3,7 +3,8 @@
 Batches are dicts of numpy arrays {"image": float32 (b, H, W, C) in [-1, 1], "label": int32 (b,)}
 with b = global batch size / process count. `config.data` fields:
 
-  source          "mnist5k" | "photos" | "tfds"
+  source          "mnist5k" | "photos" | "tfds" | "mnist_subjects" (multi-subject compositions of
+                  mnist5k digits with captions and masks, jaxgen.data.subjects)
   tfds_name       tfds dataset name (source "tfds"), e.g. "cifar10", "imagenet2012"
   tfds_data_dir   tfds data_dir ("" or None: tfds's default, $TFDS_DATA_DIR or ~/tensorflow_datasets)
   image_size      output height = width

@@ -21,14 +21,16 @@ import numpy as np
 
 from jaxgen.data import embedded
 from jaxgen.data import latent_cache
+from jaxgen.data import subjects
 from jaxgen.data import tfds_source
 from jaxgen.data import transforms
 from jaxgen.data.base import DatasetInfo
 from jaxgen.errors import ConfigError, DataError
 
-SOURCES = {"mnist5k": embedded.Mnist5k, "photos": embedded.Photos, "tfds": tfds_source.Tfds}
+SOURCES = {"mnist5k": embedded.Mnist5k, "photos": embedded.Photos, "tfds": tfds_source.Tfds,
+           "mnist_subjects": subjects.MnistSubjects}
 # Reader threads: in-memory sources are GIL-bound (threads only contend), tfds decodes images.
-DEFAULT_THREADS = {"mnist5k": 0, "photos": 0, "tfds": 8}
+DEFAULT_THREADS = {"mnist5k": 0, "photos": 0, "tfds": 8, "mnist_subjects": 0}
 # load_arrays refuses splits larger than this in memory (use make_iterator instead).
 MAX_ARRAY_BYTES = 16 * 2**30
 

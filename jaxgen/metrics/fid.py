@@ -11,11 +11,20 @@ FID proper is this distance on the 2048-d pool features of the TF Inception netw
 Inception weights ship with any installed package); jaxgen's offline evaluations use the
 penultimate features of its own digit classifier (`jaxgen.metrics.classifier`), a distance
 comparable only between runs scored by the same classifier.
+
+Reference statistics are computed once and kept as .npz with pytorch-fid's key names ("mu",
+"sigma"; `python -m pytorch_fid --save-stats` files load as they are), optionally with the
+features themselves ("features": precision/recall and KID need them) and a JSON "meta" string
+saying what they were computed from.
 """
 
-from typing import Tuple
+import json
+import os
+from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
+
+from jaxgen.errors import DataError
 
 
 def feature_statistics(features) -> Tuple[np.ndarray, np.ndarray]:
@@ -48,3 +57,41 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
 def feature_frechet_distance(features1, features2) -> float:
   """Frechet distance between the Gaussians fitted to two feature sets (N1, D) and (N2, D)."""
   return frechet_distance(*feature_statistics(features1), *feature_statistics(features2))
+
+
+def save_statistics(path: str, features=None, *, mu=None, sigma=None,
+                    meta: Optional[Dict[str, Any]] = None, keep_features: bool = True) -> None:
+  """Writes {mu, sigma[, features][, meta]} to `path` (.npz); mu/sigma from `features` unless
+  given. Written to a temporary name first, so a reader never sees a partial file."""
+  if features is not None:
+    features = np.asarray(features).reshape(len(features), -1)
+    if mu is None or sigma is None:
+      mu, sigma = feature_statistics(features)  # From the features as given (float64 math).
+    features = features.astype(np.float32)
+  if mu is None or sigma is None:
+    raise ValueError("save_statistics needs features or both mu and sigma")
+  arrays = {"mu": np.asarray(mu, np.float64), "sigma": np.asarray(sigma, np.float64)}
+  if features is not None and keep_features:
+    arrays["features"] = features
+  if meta is not None:
+    arrays["meta"] = np.asarray(json.dumps(meta, sort_keys=True))
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  tmp = path + ".tmp.npz"
+  np.savez(tmp, **arrays)
+  os.replace(tmp, path)
+
+
+def load_statistics(path: str) -> Dict[str, Any]:
+  """{"mu", "sigma", "features" (or None), "meta" (dict or None)} from a .npz of
+  `save_statistics` or pytorch-fid's --save-stats."""
+  if not os.path.isfile(path):
+    raise DataError(f"reference statistics {path} not found")
+  try:
+    with np.load(path, allow_pickle=False) as f:
+      if "mu" not in f or "sigma" not in f:
+        raise DataError(f"{path} has no 'mu' and 'sigma' arrays (keys: {sorted(f.keys())})")
+      return {"mu": np.asarray(f["mu"], np.float64), "sigma": np.asarray(f["sigma"], np.float64),
+              "features": np.asarray(f["features"]) if "features" in f else None,
+              "meta": json.loads(str(f["meta"])) if "meta" in f else None}
+  except (OSError, ValueError) as e:
+    raise DataError(f"{path}: unreadable reference statistics ({e})") from None

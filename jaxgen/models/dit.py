@@ -16,6 +16,16 @@ scale and bias, and the condition enters through the condition-aware layers only
 Weight compatibility with diffusers' `DiTTransformer2DModel` (jaxgen.convert.dit): diffusers
 embeds the timestep with frequency shift 1 (`time_freq_shift`) and uses `norm_eps` (1e-5 by
 default) for the pre-FFN norm; DiT uses 0 and 1e-6. Both are fields here.
+
+Cross-attention (LDM / PixArt style): with `context_dim` set, every block gets a pre-LN
+cross-attention to context tokens (`norm_cross`, `cross_attn`; not adaLN-modulated, output
+projection zero-initialised so a new block starts as DiT) between self-attention and the MLP.
+The context is a keyword argument, `apply(v, x, t, y, context=tokens)`, tokens (B, L, D) of any
+width D. `label_conditioning` says what y does: "add" (default: the class embedding joins the
+timestep embedding, DiT's path), "token" (the class embedding, width context_dim, is one context
+token prepended to `context`; the condition c is then the timestep alone) or "none" (y ignored).
+The same options apply to CAN-DiT (its condition-aware layers see c). Cross-attention maps are
+recorded as in `jaxgen.nn.transformer` when the "attention_maps" collection is mutable.
 """
 
 import functools
@@ -29,6 +39,7 @@ from jaxgen.errors import ConfigError
 from jaxgen.nn.attention import Attention
 from jaxgen.nn.condition_aware import CAConv, CADense
 from jaxgen.nn.embeddings import LabelEmbedder, TimestepEmbedder
+from jaxgen.nn.transformer import cross_attend
 from jaxgen.registry import MODELS
 
 # DiT's initialisation: xavier-uniform linears with zero bias.
@@ -76,7 +87,7 @@ class DiTBlock(nn.Module):
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, c):
+  def __call__(self, x, c, context=None, spatial_shape=None):
     d = self.hidden_size
     # adaLN-Zero norms have no affine parameters; without adaLN they are ordinary LayerNorms.
     norm = lambda eps, name: nn.LayerNorm(epsilon=eps, use_bias=not self.adaln,
@@ -94,6 +105,12 @@ class DiTBlock(nn.Module):
                      out_cls=ca_dense if self.ca_attn_out else None, name="attn")
     h = attn(h, cond=c) if self.ca_attn_out else attn(h)
     x = x + (gate_msa[:, None] * h if self.adaln else h)
+
+    if context is not None:  # Cross-attention to the context tokens (see the module docstring).
+      cross = Attention(d, self.num_heads, qkv_bias=True, dtype=self.dtype,
+                        out_cls=functools.partial(nn.Dense, kernel_init=_zeros), name="cross_attn")
+      h = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="norm_cross")(x)
+      x = x + cross_attend(self, cross, h, context, spatial_shape or (x.shape[1],))
 
     h = norm(self.norm_eps, "norm2")(x)
     if self.adaln:
@@ -148,10 +165,35 @@ class DiT(nn.Module):
   ca_attn_out: bool = False
   ca_ffn: bool = False
   ca_rank: Optional[int] = None  # Low-rank W_c for the condition-aware Dense layers.
+  # Cross-attention options (see the module docstring).
+  context_dim: Optional[int] = None
+  label_conditioning: str = "add"
   dtype: jnp.dtype = jnp.float32
 
+  def _context(self, y, context):
+    """The cross-attention tokens (B, L, D) or None; validates the label mode."""
+    if self.label_conditioning not in ("add", "token", "none"):
+      raise ConfigError(f"dit label_conditioning {self.label_conditioning!r} unknown; use "
+                        "'add', 'token' or 'none'")
+    if self.context_dim is None:
+      if context is not None or self.label_conditioning == "token":
+        raise ConfigError("this DiT has no cross-attention: set model.context_dim to use "
+                          "context tokens or label_conditioning='token'")
+      return None
+    if self.label_conditioning == "token":
+      token = LabelEmbedder(self.num_classes, self.context_dim, dtype=self.dtype,
+                            name="y_embedder")(y)[:, None]
+      context = token if context is None else jnp.concatenate(
+          [token, context.astype(token.dtype)], axis=1)
+    if context is None:
+      raise ConfigError("this DiT cross-attends (context_dim is set): pass context=(B, L, "
+                        f"{self.context_dim}) tokens or use label_conditioning='token'")
+    if context.ndim != 3 or context.shape[-1] != self.context_dim:
+      raise ConfigError(f"context must be (B, L, {self.context_dim}); got {context.shape}")
+    return context
+
   @nn.compact
-  def __call__(self, x, t, y, train: bool = False):
+  def __call__(self, x, t, y, train: bool = False, context=None):
     del train  # No dropout in DiT; label dropout is the objective's.
     b, h, w, cin = x.shape
     p, d = self.patch_size, self.hidden_size
@@ -163,7 +205,9 @@ class DiT(nn.Module):
     # Condition: timestep + class embedding, (B, d).
     c = TimestepEmbedder(d, freq_shift=self.time_freq_shift, dtype=self.dtype,
                          name="t_embedder")(t)
-    c = c + LabelEmbedder(self.num_classes, d, dtype=self.dtype, name="y_embedder")(y)
+    if self.label_conditioning == "add":
+      c = c + LabelEmbedder(self.num_classes, d, dtype=self.dtype, name="y_embedder")(y)
+    context = self._context(y, context)
 
     # Patchify: p x p conv, stride p, then tokens (B, N, d) + fixed position table.
     patch_init = nn.initializers.xavier_uniform(in_axis=(0, 1, 2), out_axis=-1)
@@ -180,7 +224,7 @@ class DiT(nn.Module):
     for i in range(self.depth):
       tokens = DiTBlock(d, self.num_heads, self.mlp_ratio, self.norm_eps, self.adaln,
                         self.ca_attn_out, self.ca_ffn, self.ca_rank, self.dtype,
-                        name=f"blocks_{i}")(tokens, c)
+                        name=f"blocks_{i}")(tokens, c, context, (gh, gw))
     out = FinalLayer(d, p * p * out_channels, self.adaln, self.dtype, name="final_layer")(
         tokens, c)
 

@@ -2,9 +2,19 @@
 
 Time (sinusoidal) and class embeddings are summed and injected into every residual block;
 down and up paths with skip connections; self-attention at the low-resolution levels.
+
+Cross-attention (LDM): with `context_dim` set, the attention levels and the middle block use
+`jaxgen.nn.transformer.SpatialTransformer` (self-attention, cross-attention to context tokens,
+GEGLU FFN) instead of plain self-attention. The context is passed as a keyword argument,
+`apply(v, x, t, y, context=tokens)` with tokens (B, L, context_dim), e.g. text-encoder states;
+`label_conditioning` says what the class label y does:
+  "add"    its embedding is added to the time embedding (default; the class-label path)
+  "token"  its embedding (width context_dim) is one context token, prepended to `context`
+           when one is given (LDM's class-conditional ImageNet model; y == num_classes is null)
+  "none"   y is ignored (text-only models such as FastComposer's U-Net)
 """
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -12,6 +22,7 @@ import jax.numpy as jnp
 from jaxgen.errors import ConfigError
 from jaxgen.nn.attention import Attention
 from jaxgen.nn.embeddings import LabelEmbedder, TimestepEmbedder
+from jaxgen.nn.transformer import SpatialTransformer
 from jaxgen.registry import MODELS
 
 
@@ -74,13 +85,17 @@ class AttentionBlock(nn.Module):
     return x + out.reshape(b, h, w, c)
 
 
+LABEL_MODES = ("add", "token", "none")
+
+
 @MODELS.register("unet")
 class UNet(nn.Module):
   """eps/v-predicting U-Net: `apply(variables, x_nhwc, t, y, train=False) -> NHWC`.
 
   `channel_mult[i]` scales `base_channels` at level i (resolution / 2**i); levels listed in
-  `attention_levels` get self-attention after each residual block. Labels equal to
-  `num_classes` are the null label (classifier-free guidance).
+  `attention_levels` get self-attention after each residual block (a SpatialTransformer with
+  cross-attention to `context` when `context_dim` is set). Labels equal to `num_classes` are the
+  null label (classifier-free guidance).
   """
   num_classes: int
   out_channels: int = 0  # 0: same as the input channels.
@@ -92,10 +107,37 @@ class UNet(nn.Module):
   num_heads: int = 4
   num_groups: int = 32
   dropout: float = 0.0
+  # Cross-attention (see the module docstring); None keeps the self-attention U-Net.
+  context_dim: Optional[int] = None
+  transformer_depth: int = 1
+  use_linear_projection: bool = False
+  label_conditioning: str = "add"
   dtype: jnp.dtype = jnp.float32
 
+  def _context(self, y, context):
+    """The cross-attention tokens (B, L, context_dim), or None for self-attention only."""
+    if self.label_conditioning not in LABEL_MODES:
+      raise ConfigError(f"unet label_conditioning {self.label_conditioning!r} unknown; use one "
+                        f"of {LABEL_MODES}")
+    if self.context_dim is None:
+      if context is not None or self.label_conditioning == "token":
+        raise ConfigError("this U-Net has no cross-attention: set model.context_dim to use "
+                          "context tokens or label_conditioning='token'")
+      return None
+    if self.label_conditioning == "token":
+      token = LabelEmbedder(self.num_classes, self.context_dim, self.dtype,
+                            name="class_token_embed")(y)[:, None]
+      context = token if context is None else jnp.concatenate(
+          [token, context.astype(token.dtype)], axis=1)
+    if context is None:
+      raise ConfigError("this U-Net cross-attends (context_dim is set): pass "
+                        "context=(B, L, context_dim) tokens or use label_conditioning='token'")
+    if context.ndim != 3 or context.shape[-1] != self.context_dim:
+      raise ConfigError(f"context must be (B, L, {self.context_dim}); got {context.shape}")
+    return context
+
   @nn.compact
-  def __call__(self, x, t, y, train: bool = False):
+  def __call__(self, x, t, y, train: bool = False, context=None):
     levels = len(self.channel_mult)
     factor = 2 ** (levels - 1) * self.patch_size
     if x.shape[1] % factor or x.shape[2] % factor:
@@ -104,9 +146,19 @@ class UNet(nn.Module):
           f"{x.shape[1]}x{x.shape[2]}. Change data.image_size or model.channel_mult.")
     emb_dim = 4 * self.base_channels
     emb = TimestepEmbedder(emb_dim, name="time_embed")(t)
-    emb = emb + LabelEmbedder(self.num_classes, emb_dim, name="class_embed")(y)
+    if self.label_conditioning == "add":
+      emb = emb + LabelEmbedder(self.num_classes, emb_dim, name="class_embed")(y)
+    context = self._context(y, context)
     block = lambda ch, name: ResBlock(ch, self.num_groups, self.dropout, self.dtype, name=name)
-    attn = lambda name: AttentionBlock(self.num_heads, self.num_groups, self.dtype, name=name)
+
+    def attn(name):
+      if self.context_dim is None:
+        return AttentionBlock(self.num_heads, self.num_groups, self.dtype, name=name)
+      def spatial_transformer(h):
+        return SpatialTransformer(
+            self.num_heads, h.shape[-1] // self.num_heads, self.transformer_depth,
+            self.num_groups, self.use_linear_projection, dtype=self.dtype, name=name)(h, context)
+      return spatial_transformer
 
     h = nn.Conv(self.base_channels, (3, 3), dtype=self.dtype, name="conv_in")(
         pixel_unshuffle(x, self.patch_size))

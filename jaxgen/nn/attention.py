@@ -24,7 +24,8 @@ class Attention(nn.Module):
   out_cls: Optional[Callable[..., nn.Module]] = None
 
   @nn.compact
-  def __call__(self, x, context=None, return_weights: bool = False, **out_kwargs):
+  def __call__(self, x, context=None, mask=None, return_weights: bool = False, **out_kwargs):
+    """mask: optional boolean (B, 1, N, M) or broadcastable, True = attend (causal, padding)."""
     head_dim = self.head_dim or self.dim // self.num_heads
     inner = head_dim * self.num_heads
     context = x if context is None else context
@@ -36,10 +37,12 @@ class Attention(nn.Module):
     if return_weights:
       # Explicit softmax so callers (FastComposer's localisation loss) can read the maps.
       logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) * head_dim**-0.5
+      if mask is not None:
+        logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
       weights = jax.nn.softmax(logits, axis=-1)
       out = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(v.dtype), v)
     else:
-      out = jax.nn.dot_product_attention(q, k, v)
+      out = jax.nn.dot_product_attention(q, k, v, mask=mask)
       weights = None
     out_layer = (self.out_cls or nn.Dense)(self.dim, use_bias=self.out_bias, dtype=self.dtype,
                                            name="to_out")

@@ -274,8 +274,9 @@ class AutoencoderTask:
     batch = max(1, setup.config.sample.batch_size)
     shards = sharding.num_batch_shards(setup.mesh)
     batch = max(shards, batch - batch % shards)
-    repl, split = sharding.replicated(setup.mesh), sharding.batch_sharding(setup.mesh)
-    fn = jax.jit(self.reconstruct, in_shardings=(repl, split), out_shardings=split)
+    split = sharding.batch_sharding(setup.mesh)
+    # Variables keep their own (possibly FSDP-sharded) layout.
+    fn = jax.jit(self.reconstruct, in_shardings=(None, split), out_shardings=split)
     out = []
     for start in range(0, len(images), batch):
       chunk = np.asarray(images[start:start + batch], np.float32)
@@ -333,38 +334,26 @@ class AutoencoderTask:
     return int(np.prod(z.shape[1:]))
 
   def evaluate(self, setup, out: str) -> dict:
-    """PSNR, SSIM and LPIPS on the held-out images, and the same for bicubic down- and
-    up-sampling through (about) as many numbers as the latent holds."""
-    del out
-    from jaxgen.metrics import lpips  # pylint: disable=g-import-not-at-top
-    images = self.held_out()
-    recon = self.reconstruct_batches(setup, images)
-    net = self.config.autoencoder.lpips_net
-
-    def scores(prefix, rec):
-      psnr = np.asarray(image_quality.psnr(images, rec))
-      ssim = np.asarray(image_quality.ssim(images, rec))
-      lp = lpips.lpips_distance(np.clip(rec, -1, 1), images, net)
-      result = {}
-      for name, values in (("psnr", psnr), ("ssim", ssim), ("lpips", lp)):
-        mean, err = image_quality.summarize(values)
-        result[f"{prefix}{name}"] = mean
-        result[f"{prefix}{name}_stderr"] = err
-      return result
-
+    """On the first eval.num_samples held-out images, on the mesh: PSNR, SSIM and LPIPS of the
+    reconstructions and of bicubic down- and up-sampling through (about) as many numbers as
+    the latent holds, and rFD (FD between images and reconstructions) on the alexnet
+    features, or rFID with eval.inception_weights; see jaxgen/metrics/evaluate.py."""
+    from jaxgen.metrics import evaluate  # pylint: disable=g-import-not-at-top
     floats = self.latent_floats()
-    result = {"num_images": int(len(images)), "image_shape": list(self.image_shape),
-              "latent_floats": floats, "weights": "ema" if self.config.autoencoder.use_ema
-              else "params", "lpips_net": net}
-    result.update(scores("", recon))
     sizes = image_quality.bicubic_sizes(floats, self.image_shape[-1])
-    for size, prefix in zip(sizes, ("bicubic_", "bicubic_larger_")):
+    baselines = dict(zip(("bicubic_", "bicubic_larger_"), sizes))
+    result = {"image_shape": list(self.image_shape), "latent_floats": floats,
+              "weights": "ema" if self.config.autoencoder.use_ema else "params",
+              "lpips_net": self.config.autoencoder.lpips_net}
+    result.update(evaluate.evaluate_reconstruction(setup, out, self._eval_variables(setup),
+                                                   baselines))
+    for prefix, size in baselines.items():
       result[f"{prefix}size"] = size
       result[f"{prefix}floats"] = size * size * self.image_shape[-1]
-      result.update(scores(prefix, image_quality.bicubic_roundtrip(images, size)))
-    # The baseline that stores at least as many numbers as the latent (the harder one).
-    strongest = "bicubic_larger_" if len(sizes) > 1 else "bicubic_"
-    result["psnr_minus_bicubic"] = result["psnr"] - result[f"{strongest}psnr"]
+    if "psnr" in result:
+      # The baseline that stores at least as many numbers as the latent (the harder one).
+      strongest = "bicubic_larger_" if len(sizes) > 1 else "bicubic_"
+      result["psnr_minus_bicubic"] = result["psnr"] - result[f"{strongest}psnr"]
     return result
 
 

@@ -22,8 +22,11 @@ class Checkpointer:
 
   def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True):
     self.directory = os.path.abspath(directory)
+    # cleanup_tmp_directories: a save killed half-way (SIGKILL, lost VM) leaves only a
+    # `<step>.orbax-checkpoint-tmp-*` directory, never a step; it is deleted on the next start.
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                           enable_async_checkpointing=async_save)
+                                           enable_async_checkpointing=async_save,
+                                           cleanup_tmp_directories=True)
     self.manager = ocp.CheckpointManager(
         self.directory, options=options,
         item_names=("state", "data", "config"))
