@@ -86,6 +86,7 @@ def main(argv=None):
       result = setup.task.evaluate(setup, os.path.join(workdir, "eval"), subject_start=start)
       row = dict(result, arm=arm, steps=setup.step, train_s=train_s,
                  eval_s=time.perf_counter() - tic,
+                 steps_per_s=float(np.median([r["steps_per_sec"] for r in logged[1:]] or [0.0])),
                  final_mse=float(np.mean([r["mse"] for r in logged[-3:]])))
       rows.append(row)
       print(f"{arm} subject_start={start}: " + ", ".join(
@@ -132,9 +133,9 @@ def main(argv=None):
   lines.append(f"| same class, other digit | - | - | - | "
                f"{real['identity_same_class_baseline']:.3f} | - | - | - |")
   lines.append("")
-  lines.append("Train time per arm: " + ", ".join(
-      f"{r['arm']} {r['train_s'] / 60:.1f} min (final MSE {r['final_mse']:.4f})"
-      for r in rows[::2]) + ".")
+  lines.append("Training: " + ", ".join(
+      f"{r['arm']} {r['steps_per_s']:.2f} steps/s median, final MSE {r['final_mse']:.4f}"
+      for r in rows[::2]) + f" ({jax.devices()[0].device_kind}).")
   text = "\n".join(lines) + "\n"
   print("\n" + text)
   out = args.md or os.path.join(args.workdir, "results.md")

@@ -191,7 +191,7 @@ def test_delayed_subject_conditioning_and_attention_maps():
     return fc.cross_attention_maps(task.model, variables, x, jnp.array([500, 500]), augmented)[1]
   maps = maps_of(params)
   assert list(maps) == ["unet/mid_attn/transformer_blocks_0"]
-  assert maps["unet/mid_attn/transformer_blocks_0"].shape == (2, 2, 8, 16, 16)
+  assert maps["unet/mid_attn/transformer_blocks_0"].shape == (2, 2, 4, 8, 16)  # patch 2, 1 down
   for m in maps.values():
     np.testing.assert_allclose(np.asarray(m.sum(-1)), 1.0, atol=1e-5)
   readout = np.asarray(jax.jit(task.attention_readout)(params, {}, rng, x, cond))
