@@ -321,7 +321,8 @@ def generated_features(setup, nets, labels: np.ndarray, seed: int,
   `jaxgen.train.loop.generate` does, so both give the same images for the same batch size."""
   runner = MeshRunner(setup.mesh, int(setup.config.sample.batch_size))
   params = setup.state.ema_params if use_ema else setup.state.params
-  gen = jax.jit(setup.task.generate, in_shardings=(runner.repl,) * 3 + (runner.split,),
+  # Params and model state keep their own (possibly FSDP) shardings, as in loop.generate.
+  gen = jax.jit(setup.task.generate, in_shardings=(None, None, runner.repl, runner.split),
                 out_shardings=runner.split)
   fns, variables = runner.feature_fns(nets)
   outs = {n: [] for n in nets}
