@@ -62,20 +62,22 @@ def test_low_rank_dense():
   x = jax.random.normal(KEY, (B, 4, 8))
   layer = CADense(6, rank=2)
   params = layer.init(KEY, x, _cond())["params"]
-  assert params["weight_generator"]["proj"]["kernel"].shape == (D, 8 * 2)
+  assert params["weight_generator"]["proj"]["kernel"].shape == (D, 2 * 2)  # only the r x r core
   static = x @ params["kernel"] + params["bias"]
   np.testing.assert_allclose(layer.apply({"params": params}, x, _cond()), static,
                              rtol=1e-5, atol=1e-5)
   params = _randomize_generator(params)
-  w = params["kernel"][None] + _wc(params, _cond(), (8, 2)) @ params["basis"]
+  w = params["kernel"][None] + params["basis_in"] @ _wc(params, _cond(), (2, 2)) @ params[
+      "basis_out"]
   want = jnp.einsum("bnd,bde->bne", x, w, precision="highest") + params["bias"]
   np.testing.assert_allclose(layer.apply({"params": params}, x, _cond()), want,
                              rtol=1e-5, atol=1e-5)
 
 
-def test_patch_embedding_conv():
+@pytest.mark.parametrize("rank", [None, 3])
+def test_patch_embedding_conv(rank):
   x = jax.random.normal(KEY, (B, 8, 6, 4))
-  layer = CAConv(5, (2, 2), strides=2)
+  layer = CAConv(5, (2, 2), strides=2, rank=rank)
   params = layer.init(KEY, x, _cond())["params"]
   static = nn.Conv(5, (2, 2), strides=2, padding="VALID")
   sp = {"kernel": params["kernel"], "bias": params["bias"]}
@@ -83,7 +85,12 @@ def test_patch_embedding_conv():
                              static.apply({"params": sp}, x), rtol=1e-5, atol=1e-5)
   params = _randomize_generator(params)
   out = layer.apply({"params": params}, x, _cond())
-  wc = _wc(params, _cond(), (2, 2, 4, 5))
+  if rank is None:
+    wc = _wc(params, _cond(), (2, 2, 4, 5))
+  else:  # U G V with U a (2, 2, 4, r) kernel: W_c[b] = U @ G_b @ V on the flattened kernel.
+    g = _wc(params, _cond(), (rank, rank))
+    wc = jnp.einsum("hwir,brs,so->bhwio", params["basis_in"], g, params["basis_out"],
+                    precision="highest")
   for b in range(B):
     kb = {"kernel": params["kernel"] + wc[b], "bias": params["bias"]}
     np.testing.assert_allclose(out[b], static.apply({"params": kb}, x[b:b + 1])[0],

@@ -164,7 +164,7 @@ class DiT(nn.Module):
   ca_patch_embed: bool = False
   ca_attn_out: bool = False
   ca_ffn: bool = False
-  ca_rank: Optional[int] = None  # Low-rank W_c for the condition-aware Dense layers.
+  ca_rank: Optional[int] = None  # W_c = U G(c) V of rank r in every CA layer; None: full W_c.
   # Cross-attention options (see the module docstring).
   context_dim: Optional[int] = None
   label_conditioning: str = "add"
@@ -212,8 +212,8 @@ class DiT(nn.Module):
     # Patchify: p x p conv, stride p, then tokens (B, N, d) + fixed position table.
     patch_init = nn.initializers.xavier_uniform(in_axis=(0, 1, 2), out_axis=-1)
     if self.ca_patch_embed:
-      tokens = CAConv(d, (p, p), strides=p, kernel_init=patch_init, dtype=self.dtype,
-                      name="x_embedder")(x, c)
+      tokens = CAConv(d, (p, p), strides=p, kernel_init=patch_init, rank=self.ca_rank,
+                      dtype=self.dtype, name="x_embedder")(x, c)
     else:
       tokens = nn.Conv(d, (p, p), strides=p, padding="VALID", kernel_init=patch_init,
                        dtype=self.dtype, name="x_embedder")(x)
@@ -257,8 +257,11 @@ def dit(preset: Optional[str] = None, **kwargs) -> DiT:
 
 @MODELS.register("can_dit")
 def can_dit(preset: Optional[str] = None, ca_patch_embed: bool = True, ca_attn_out: bool = True,
-            ca_ffn: bool = True, adaln: bool = True, **kwargs) -> DiT:
+            ca_ffn: bool = True, adaln: bool = True, ca_rank: Optional[int] = 32,
+            **kwargs) -> DiT:
   """CAN-DiT: DiT with condition-aware patch embedding, attention output and FFN (each a flag);
-  `adaln=False` conditions through the condition-aware layers alone."""
+  `adaln=False` conditions through the condition-aware layers alone. Rank-32 generated weights
+  by default (`jaxgen.nn.condition_aware`: full ones would need 1.5G parameters per DiT-XL
+  layer); `ca_rank=None` generates full weights, for small widths."""
   return dit(preset, ca_patch_embed=ca_patch_embed, ca_attn_out=ca_attn_out, ca_ffn=ca_ffn,
-             adaln=adaln, **kwargs)
+             adaln=adaln, ca_rank=ca_rank, **kwargs)
