@@ -14,9 +14,10 @@ task's loss, backward, clipping, AdamW, EMA, jitted with the state donated) on a
 of inputs shaped --input (latents: 32x32x4 is SD-VAE at 256, 16x16x32 DC-AE f32 at 512).
 Reported: ms/step (median of the windows), parameters, and the overhead over the DiT arm.
 
---ca_rank: the condition-aware Dense layers generate W_c = A(c) B with A of rank r (full-rank
-generators of a 384-wide DiT's FFN would hold 384 x 384*1536 = 226M parameters per layer);
-`--ca_rank=0` generates full weights (only sensible for small widths).
+--ca_rank: the condition-aware layers generate the r x r core of W_c = U G(c) V
+(jaxgen.nn.condition_aware; full-rank generators of a 384-wide DiT's FFN would hold
+384 x 384*1536 = 226M parameters per layer); `--ca_rank=0` generates full weights (only
+sensible for small widths).
 """
 
 import argparse

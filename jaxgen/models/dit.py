@@ -257,11 +257,12 @@ def dit(preset: Optional[str] = None, **kwargs) -> DiT:
 
 @MODELS.register("can_dit")
 def can_dit(preset: Optional[str] = None, ca_patch_embed: bool = True, ca_attn_out: bool = True,
-            ca_ffn: bool = True, adaln: bool = True, ca_rank: Optional[int] = 32,
+            ca_ffn: bool = True, adaln: bool = True, ca_rank: Optional[int] = 16,
             **kwargs) -> DiT:
   """CAN-DiT: DiT with condition-aware patch embedding, attention output and FFN (each a flag);
-  `adaln=False` conditions through the condition-aware layers alone. Rank-32 generated weights
-  by default (`jaxgen.nn.condition_aware`: full ones would need 1.5G parameters per DiT-XL
-  layer); `ca_rank=None` generates full weights, for small widths."""
+  `adaln=False` conditions through the condition-aware layers alone. Rank-16 generated weights
+  by default (`jaxgen.nn.condition_aware`; full ones would need 1.5G parameters per DiT-XL
+  layer; rank 16 costs +7% train-step time over DiT-S/2, rank 32 +21%: BENCHMARKS.md);
+  `ca_rank=None` generates full weights, for small widths."""
   return dit(preset, ca_patch_embed=ca_patch_embed, ca_attn_out=ca_attn_out, ca_ffn=ca_ffn,
              adaln=adaln, ca_rank=ca_rank, **kwargs)

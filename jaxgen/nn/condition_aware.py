@@ -20,7 +20,7 @@ Generator size: a full W_c for a (din, dout) Dense needs a D x din*dout generato
 cheap for depthwise convs but not for wide Dense layers or patch embeddings (D = din = dout =
 1152 is 1.5G parameters per layer), so `CADense(rank=r)` and `CAConv(rank=r)` generate only an
 r x r core: W_c = U G(cond) V with U (din, r) and V (r, dout) static learned bases and G the
-zero-initialised generator output, D * r**2 parameters per layer (1.2M for DiT-XL at r = 32).
+zero-initialised generator output, D * r**2 parameters per layer (0.3M for DiT-XL at r = 16).
 Applied as x @ W + ((x @ U) @_b G_b) @ V, W_c never materialised; the extra work per token is
 r * (din + r + dout) multiply-adds against din * dout for the layer itself. (A generated
 (din, r) factor, W_c = A(cond) B, costs D * din * r per layer: 3.6G parameters over DiT-XL's
