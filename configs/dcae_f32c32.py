@@ -70,6 +70,7 @@ def autoencoder_section() -> ml_collections.ConfigDict:
       update_batch_stats=True,  # False: BatchNorm in inference mode (statistics frozen).
       init_from="",             # Workdir / converted / diffusers dir to start a fresh run from.
       zero_init_residual=True,  # Fresh init: every residual branch's last norm scale = 0.
+      zero_init_shortcut_convs=False,  # Fresh init: convs beside a shortcut start at 0.
       use_ema=True,             # Evaluate / sample / export the EMA weights.
       num_visual=16,            # Held-out images shown in sample grids.
   ))
@@ -101,7 +102,7 @@ def f32_model(widths, latent_channels: int, attention_head_dim: int) -> dict:
       encoder_qkv_multiscales=((),) * 6, decoder_qkv_multiscales=((),) * 6,
       downsample_block_type="pixel_unshuffle", upsample_block_type="pixel_shuffle",
       decoder_norm_types=("batch_norm",) * 3 + ("rms_norm",) * 3,
-      decoder_act_fns=("relu",) * 3 + ("silu",) * 3)
+      decoder_act_fns=("relu",) * 3 + ("silu",) * 3, decoder_out_norm="rms_norm")
 
 
 def smoke_model() -> dict:

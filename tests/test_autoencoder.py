@@ -328,6 +328,33 @@ def test_zero_init_residual_and_config_files():
       "imagenet2012", 512, "f32c32-in-1.0")
 
 
+def test_fresh_dcae_with_zeroed_shortcut_convs_is_its_linear_shortcut_path():
+  """zero_init_residual + zero_init_shortcut_convs: every nonlinear branch and every conv beside
+  a shortcut starts at 0, so the fresh encoder is linear (input conv, then pixel-unshuffle and
+  channel averaging); decoder_out_norm="none" drops the head norm."""
+  from configs import dcae_f32c32  # pylint: disable=g-import-not-at-top
+  config = dict(dcae_f32c32.smoke_model(), decoder_out_norm="none")
+  config.pop("name")
+  model = MODELS.get("dcae")(**config)
+  x1, x2 = jax.random.normal(jax.random.PRNGKey(1), (2, 1, 32, 32, 3))
+  variables = model.init(jax.random.PRNGKey(0), x1)
+  params = ae_task.zero_init_shortcut_convs(ae_task.zero_init_residual(variables["params"]))
+  flat = {ae_task.path_str(p): v for p, v in jax.tree_util.tree_leaves_with_path(params)}
+  zeroed = sorted(k for k in flat if ae_task.SHORTCUT_CONVS.search(k))
+  # 4 down blocks, the encoder's conv_out, the decoder's conv_in, 4 up blocks; kernel + bias.
+  assert len(zeroed) == 20 and all(float(jnp.abs(flat[k]).max()) == 0 for k in zeroed)
+  assert not any("norm_out" in k for k in flat)
+  assert "encoder/conv_in/conv/kernel" in flat and float(jnp.abs(
+      flat["encoder/conv_in/conv/kernel"]).max()) > 0
+  encode = jax.jit(lambda x: model.apply({**variables, "params": params}, x, method="encode"))
+  bias = encode(jnp.zeros_like(x1))  # The input conv's bias through the linear path.
+  np.testing.assert_allclose(encode(2 * x1 - x2) - bias,
+                             2 * (encode(x1) - bias) - (encode(x2) - bias), rtol=1e-4, atol=1e-5)
+  with pytest.raises(Exception, match="decoder_out_norm"):
+    MODELS.get("dcae")(**dict(config, decoder_out_norm="layer_norm")).init(
+        jax.random.PRNGKey(0), x1)
+
+
 def test_psnr_ssim_match_skimage():
   metrics = pytest.importorskip("skimage.metrics")
   photo = embedded.load_photo("chelsea.png")[:40, :56].astype(np.float32) / 127.5 - 1

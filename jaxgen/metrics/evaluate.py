@@ -419,7 +419,9 @@ def evaluate_reconstruction(setup, out: str, variables, baselines: Dict[str, int
 
   step = jax.jit(scores, in_shardings=(runner.split, runner.repl, runner.repl),
                  out_shardings=runner.split)
-  limit = int(e.num_samples)
+  # All the held-out images when the test split has fewer than eval.num_samples.
+  limit = min(int(e.num_samples),
+              len(data_lib.get_source(_image_data(config.data)).records("test", False)))
   it = data_lib.make_iterator(_image_data(config.data), split="test",
                               global_batch_size=runner.batch, seed=0, shuffle=False,
                               num_epochs=1, process_index=0, process_count=1,

@@ -231,6 +231,7 @@ class Decoder(nn.Module):
   upsample_block_type: str = "pixel_shuffle"
   in_shortcut: bool = True
   conv_act_fn: str = "relu"
+  out_norm: str = "rms_norm"
   dtype: Optional[Any] = None
 
   @nn.compact
@@ -250,7 +251,9 @@ class Decoder(nn.Module):
         x = _block(self.block_types[i], width, self.norm_types[i], self.act_fns[i],
                    self.attention_head_dim, self.qkv_multiscales[i], self.dtype,
                    f"up_blocks_{i}_{j + offset}")(x, train)
-    x = activation(self.conv_act_fn)(RMSNorm2d(dtype=self.dtype, name="norm_out")(x))
+    if self.out_norm == "rms_norm":
+      x = RMSNorm2d(dtype=self.dtype, name="norm_out")(x)
+    x = activation(self.conv_act_fn)(x)
     if self.depths[0] > 0:
       return nn.Conv(self.out_channels, (3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype,
                      name="conv_out")(x)
@@ -278,6 +281,10 @@ class DCAE(nn.Module):
   encoder_out_shortcut: bool = True
   decoder_in_shortcut: bool = True
   decoder_conv_act_fn: str = "relu"
+  # The head's norm before conv_act_fn: "rms_norm" (every published variant) or "none". Per
+  # pixel RMS normalisation removes the feature vector's magnitude, which a small model trained
+  # briefly from the shortcut init still needs for brightness (configs/dcae_photos.py).
+  decoder_out_norm: str = "rms_norm"
   scaling_factor: float = 1.0
   dtype: Optional[Any] = None  # Computation dtype (e.g. bfloat16); params stay float32.
 
@@ -293,6 +300,8 @@ class DCAE(nn.Module):
     if self.upsample_block_type not in ("pixel_shuffle", "interpolate"):
       raise ConfigError(f"upsample_block_type {self.upsample_block_type!r}: use "
                         "'pixel_shuffle' or 'interpolate'")
+    if self.decoder_out_norm not in ("rms_norm", "none"):
+      raise ConfigError(f"decoder_out_norm {self.decoder_out_norm!r}: use 'rms_norm' or 'none'")
     self.encoder = Encoder(
         latent_channels=self.latent_channels,
         attention_head_dim=self.attention_head_dim,
@@ -314,7 +323,7 @@ class DCAE(nn.Module):
         norm_types=_per_stage(self.decoder_norm_types, nd, "decoder_norm_types"),
         act_fns=_per_stage(self.decoder_act_fns, nd, "decoder_act_fns"),
         upsample_block_type=self.upsample_block_type, in_shortcut=self.decoder_in_shortcut,
-        conv_act_fn=self.decoder_conv_act_fn, dtype=self.dtype)
+        conv_act_fn=self.decoder_conv_act_fn, out_norm=self.decoder_out_norm, dtype=self.dtype)
 
   def encode(self, x, train: bool = False):
     f = self.spatial_compression_ratio

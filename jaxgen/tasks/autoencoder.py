@@ -25,7 +25,8 @@ autoencoder in inference mode (BatchNorm uses and keeps its running statistics),
 that freezes the BatchNorm stages wants. `autoencoder.init_from` starts a fresh run from
 another phase's workdir, a converted checkpoint or a diffusers directory
 (`jaxgen.convert.load_autoencoder`); its shapes must match this config's model. A fresh
-model starts with `autoencoder.zero_init_residual` (see `zero_init_residual`).
+model starts with `autoencoder.zero_init_residual` (see `zero_init_residual`) and, with
+`autoencoder.zero_init_shortcut_convs`, as its linear shortcut path (`zero_init_shortcut_convs`).
 """
 
 import os
@@ -68,14 +69,31 @@ RESIDUAL_BRANCH_NORMS = re.compile(
     r"local_module/point_conv/norm)/scale$")
 
 
+# Convs whose output is added to a non-parametric shortcut: the down / up blocks' convs, the
+# encoder's output conv and the decoder's input conv (not the encoder's input DownBlock or the
+# decoder's output UpBlock: they have no shortcut).
+SHORTCUT_CONVS = re.compile(
+    r"((down|up)_blocks_\d+_\d+/conv|encoder/conv_out|decoder/conv_in)/(kernel|bias)$")
+
+
+def _zero_matching(pattern, ae_params):
+  return jax.tree_util.tree_map_with_path(
+      lambda p, v: jnp.zeros_like(v) if pattern.search(path_str(p)) else v, ae_params)
+
+
+def zero_init_shortcut_convs(ae_params):
+  """Zero the convs that sit beside a shortcut, so a fresh DC-AE maps images through its
+  shortcuts alone (pixel-unshuffle + channel averaging down, channel duplication + pixel
+  shuffle up) between the input and output convs, instead of through a random linear map."""
+  return _zero_matching(SHORTCUT_CONVS, ae_params)
+
+
 def zero_init_residual(ae_params):
   """Zero scale on the norm that ends every residual branch (Goyal et al. 2017), so each
   block starts as the identity and a fresh DC-AE starts as its residual-autoencoding
   shortcuts (space-to-channel averaging down, channel duplication up). With unit scales,
   every block adds unit-RMS noise to the shortcut signal and training starts far slower."""
-  return jax.tree_util.tree_map_with_path(
-      lambda p, v: jnp.zeros_like(v) if RESIDUAL_BRANCH_NORMS.search(path_str(p)) else v,
-      ae_params)
+  return _zero_matching(RESIDUAL_BRANCH_NORMS, ae_params)
 
 
 def hinge_d_loss(logits_real, logits_fake):
@@ -129,6 +147,8 @@ class AutoencoderTask:
     params = {"ae": variables.pop("params")}
     if self.config.autoencoder.zero_init_residual:
       params["ae"] = zero_init_residual(params["ae"])
+    if self.config.autoencoder.get("zero_init_shortcut_convs", False):
+      params["ae"] = zero_init_shortcut_convs(params["ae"])
     state = {"ae": variables}
     if self.use_gan:
       params["disc"] = d_vars.pop("params")
