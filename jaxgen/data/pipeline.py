@@ -80,11 +80,16 @@ def _description(data_config, split: str) -> str:
 
 
 class DataIterator:
-  """Batches {"image": float32 (b, H, W, C), "label": int32 (b,)}; get_state()/set_state()."""
+  """Batches {"image": float32 (b, H, W, C), "label": int32 (b,)}; get_state()/set_state().
+
+  `num_examples`: the examples this process's stream yields in all (None when it repeats
+  forever).
+  """
 
   def __init__(self, grain_iterator, *, global_batch_size: int, seed: int, description: str,
-               shuffle: bool):
+               shuffle: bool, num_examples: Optional[int] = None):
     self._it = grain_iterator
+    self.num_examples = num_examples
     self._global_batch_size = global_batch_size
     self._meta = {"data": description, "seed": int(seed), "shuffle": bool(shuffle)}
 
@@ -177,12 +182,14 @@ def make_iterator(data_config: ml_collections.ConfigDict, *, split: str = "train
   else:
     ds = ds.map(example)
   ds = ds[process_index::process_count]
+  num_examples = len(ds) if num_epochs is not None else None
   ds = ds.batch(global_batch_size // process_count, drop_remainder=drop_remainder)
   threads = int(data_config.get("num_threads", DEFAULT_THREADS[data_config.source]))
   prefetch = int(data_config.get("prefetch", threads))
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=prefetch))
   return DataIterator(iter(it), global_batch_size=global_batch_size, seed=seed,
-                      description=_description(data_config, split), shuffle=shuffle)
+                      description=_description(data_config, split), shuffle=shuffle,
+                      num_examples=num_examples)
 
 
 def load_arrays(data_config: ml_collections.ConfigDict,

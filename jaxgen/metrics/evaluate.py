@@ -205,19 +205,14 @@ def _collect(outs: List[Dict[str, np.ndarray]]) -> Dict[str, np.ndarray]:
   return {k: np.concatenate([o[k] for o in outs]) for k in outs[0]} if outs else {}
 
 
-def _available(config, split: str, limit: int) -> int:
-  """`limit`, or the size of `split` when it holds fewer images (progress totals, counts)."""
-  return min(int(limit), len(data_lib.get_source(_image_data(config.data)).records(split, False)))
-
-
 def real_features(config, runner: MeshRunner, nets, split: str, limit: int,
                   what: str) -> Dict[str, Dict[str, np.ndarray]]:
   """Features of the first `limit` real images of `split` (unshuffled, unaugmented)."""
-  limit = _available(config, split, limit)
   it = data_lib.make_iterator(_image_data(config.data), split=split,
                               global_batch_size=runner.batch, seed=0, shuffle=False,
                               num_epochs=1, process_index=0, process_count=1,
                               drop_remainder=False, augment=False)
+  limit = min(int(limit), it.num_examples)  # The split may hold fewer.
   fns, variables = runner.feature_fns(nets)
   outs = {n: [] for n in nets}
   progress, done = None, 0
@@ -425,11 +420,11 @@ def evaluate_reconstruction(setup, out: str, variables, baselines: Dict[str, int
 
   step = jax.jit(scores, in_shardings=(runner.split, runner.repl, runner.repl),
                  out_shardings=runner.split)
-  limit = _available(config, "test", e.num_samples)
   it = data_lib.make_iterator(_image_data(config.data), split="test",
                               global_batch_size=runner.batch, seed=0, shuffle=False,
                               num_epochs=1, process_index=0, process_count=1,
                               drop_remainder=False, augment=False)
+  limit = min(int(e.num_samples), it.num_examples)  # The test split may hold fewer.
   per_image, real, recon_f = [], {n: [] for n in nets}, {n: [] for n in nets}
   progress, done = Progress(f"reconstructing {limit} held-out images", limit), 0
   try:

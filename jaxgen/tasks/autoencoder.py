@@ -147,7 +147,7 @@ class AutoencoderTask:
     params = {"ae": variables.pop("params")}
     if self.config.autoencoder.zero_init_residual:
       params["ae"] = zero_init_residual(params["ae"])
-    if self.config.autoencoder.get("zero_init_shortcut_convs", False):
+    if self.config.autoencoder.zero_init_shortcut_convs:
       params["ae"] = zero_init_shortcut_convs(params["ae"])
     state = {"ae": variables}
     if self.use_gan:
