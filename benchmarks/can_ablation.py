@@ -106,7 +106,8 @@ def main(argv=None):
           f"sampled {sample_s:.0f} s)", flush=True)
 
   m = first.model
-  print(f"\nCAN vs adaLN on MNIST-5k 28x28 (pixel space): DiT depth {m.depth}, width "
+  size = first.data.image_size
+  print(f"\nCAN vs adaLN on MNIST-5k {size}x{size} (pixel space): DiT depth {m.depth}, width "
         f"{m.hidden_size}, patch {m.patch_size}; {first.training.steps} steps x batch "
         f"{first.training.batch_size}; {first.sample.method} {first.sample.num_steps} steps, "
         f"guidance {first.sample.guidance_scale}; jax {jax.__version__} "

@@ -44,7 +44,8 @@ def base_config() -> ml_collections.ConfigDict:
       is_splits=10, pr_k=3, kid_subsets=100, kid_subset_size=1000, alexnet_size=224))
   # Axis sizes (one may be -1: the rest); num_devices 0 = all devices, N = the first N.
   # rules: logical axis name -> mesh axes (for modules that annotate their parameters);
-  # other parameters with >= min_shard_size elements are split over `fsdp` (jaxgen/sharding.py).
+  # other parameters with >= min_shard_size elements are split over `tensor` and `fsdp` by
+  # shape (jaxgen/sharding.py).
   # distributed / coordinator_address / num_processes / process_id: jaxgen/distributed.py.
   c.mesh = ml_collections.ConfigDict(dict(
       data=-1, fsdp=1, tensor=1, num_devices=0, rules=sharding.DEFAULT_RULES,

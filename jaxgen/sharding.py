@@ -7,11 +7,16 @@ Parameter, EMA and optimizer-state leaves are laid out by `state_shardings`:
   is placed by the config's logical axis rules (`mesh.rules`, maxdiffusion style: logical name
   -> mesh axis or axes, None = replicated);
 * any other leaf with at least `mesh.min_shard_size` elements is split along its largest
-  dimension divisible by the fsdp axis size (ties: the last such dimension, i.e. output
-  features of HWIO / (in, out) kernels); smaller or indivisible leaves are replicated.
+  dimension divisible by the tensor axis size, then along its largest remaining dimension
+  divisible by the fsdp axis size (ties: the last such dimension, i.e. output features of HWIO
+  / (in, out) kernels); smaller or indivisible leaves are replicated.
 
-XLA's SPMD partitioner then all-gathers the weights for the forward and reduce-scatters the
-gradients, so each device holds ~1/fsdp of the parameters and of Adam's moments.
+For fsdp, XLA's SPMD partitioner all-gathers the weights for the forward and reduce-scatters
+the gradients, so each device holds ~1/fsdp of the parameters and of Adam's moments. The
+tensor axis keeps its slice of every weight through the matmul (Megatron-style: the largest
+dimension of an MLP's (d, 4d) and (4d, d) kernels is the hidden one, so the first layer is
+split by columns and the second by rows; the partitioner inserts the all-reduce): each device
+holds ~1/(fsdp*tensor) of the weights and sees the whole batch of its (data, fsdp) shard.
 """
 
 import math
@@ -115,6 +120,14 @@ def put_batch(batch, mesh: Mesh):
 # -- parameter / optimizer-state layout -----------------------------------------------------------
 
 
+def host_array(x) -> np.ndarray:
+  """The whole of a (batch-sharded) global array on every process, as numpy."""
+  if jax.process_count() > 1 and not x.is_fully_addressable:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(jax.device_get(x))
+
+
 def logical_rules(mesh_config: Optional[ml_collections.ConfigDict]) -> tuple:
   """`mesh.rules` as a tuple of (logical name, mesh axis | tuple of axes | None)."""
   rules = DEFAULT_RULES if mesh_config is None else mesh_config.get("rules", DEFAULT_RULES)
@@ -131,17 +144,24 @@ def logical_rules(mesh_config: Optional[ml_collections.ConfigDict]) -> tuple:
   return tuple(out)
 
 
-def fsdp_spec(shape: Sequence[int], fsdp_size: int, min_size: int) -> P:
-  """Shards the largest dimension divisible by `fsdp_size` (ties: the last); else replicated."""
-  if fsdp_size <= 1 or math.prod(shape) < max(min_size, 1):
+def shape_spec(shape: Sequence[int], fsdp_size: int, min_size: int, tensor_size: int = 1) -> P:
+  """Tensor on the largest dimension divisible by `tensor_size`, then fsdp on the largest
+  remaining one divisible by `fsdp_size` (ties: the last); replicated below `min_size`."""
+  if math.prod(shape) < max(min_size, 1):
     return P()
-  best = None
-  for i, d in enumerate(shape):
-    if d % fsdp_size == 0 and (best is None or d >= shape[best]):
-      best = i
-  if best is None:
-    return P()
-  return P(*([None] * best + ["fsdp"]))
+  names = [None] * len(shape)
+  for axis, size in (("tensor", tensor_size), ("fsdp", fsdp_size)):
+    free = [i for i, d in enumerate(shape) if names[i] is None and d % size == 0]
+    if size > 1 and free:
+      names[max(free, key=lambda i: (shape[i], i))] = axis
+  while names and names[-1] is None:
+    names.pop()
+  return P(*names)
+
+
+def _by_shape(leaf, mesh: Mesh, min_size: int) -> NamedSharding:
+  return NamedSharding(mesh, shape_spec(np.shape(leaf), mesh.shape["fsdp"], min_size,
+                                        mesh.shape["tensor"]))
 
 
 def _is_box(x) -> bool:
@@ -152,9 +172,8 @@ def param_shardings(abstract_params, mesh: Mesh, rules: tuple, min_size: int):
   """NamedShardings for a (possibly logically-annotated, i.e. boxed) abstract param tree.
 
   Returns a tree of the *unboxed* structure: annotated leaves follow `rules`, the rest
-  `fsdp_spec`.
+  `shape_spec`.
   """
-  fsdp = mesh.shape["fsdp"]
 
   def one(leaf):
     if isinstance(leaf, nn.LogicallyPartitioned):
@@ -163,7 +182,7 @@ def param_shardings(abstract_params, mesh: Mesh, rules: tuple, min_size: int):
       return NamedSharding(mesh, spec)
     if isinstance(leaf, nn.Partitioned):
       return NamedSharding(mesh, P(*leaf.names))
-    return NamedSharding(mesh, fsdp_spec(np.shape(leaf), fsdp, min_size))
+    return _by_shape(leaf, mesh, min_size)
 
   return jax.tree.map(one, abstract_params, is_leaf=_is_box)
 
@@ -172,12 +191,11 @@ def state_shardings(abstract_state, mesh: Mesh, *, tx=None, param_layout=None,
                     min_size: int = DEFAULT_MIN_SHARD_SIZE):
   """Shardings for a TrainState-like tree (step, params, ema_params, opt_state, model_state).
 
-  `param_layout`: shardings of `params` (default: `fsdp_spec` per leaf); EMA params follow
+  `param_layout`: shardings of `params` (default: `shape_spec` per leaf); EMA params follow
   them, optimizer-state leaves that mirror a parameter (Adam's mu, nu) follow that parameter
-  (via `optax.tree_map_params` on `tx`), other leaves use `fsdp_spec`.
+  (via `optax.tree_map_params` on `tx`), other leaves use `shape_spec`.
   """
-  fsdp = mesh.shape["fsdp"]
-  by_shape = lambda x: NamedSharding(mesh, fsdp_spec(np.shape(x), fsdp, min_size))
+  by_shape = lambda x: _by_shape(x, mesh, min_size)
   params = (jax.tree.map(by_shape, abstract_state.params) if param_layout is None
             else param_layout)
   opt = jax.tree.map(by_shape, abstract_state.opt_state)

@@ -331,9 +331,11 @@ def test_zero_init_residual_and_config_files():
 def test_fresh_dcae_with_zeroed_shortcut_convs_is_its_linear_shortcut_path():
   """zero_init_residual + zero_init_shortcut_convs: every nonlinear branch and every conv beside
   a shortcut starts at 0, so the fresh encoder is linear (input conv, then pixel-unshuffle and
-  channel averaging); decoder_out_norm="none" drops the head norm."""
+  channel averaging); decoder_out_norm="none" drops the head norm, and with an identity head
+  activation the whole fresh autoencoder is affine (configs/dcae_photos.py)."""
   from configs import dcae_f32c32  # pylint: disable=g-import-not-at-top
-  config = dict(dcae_f32c32.smoke_model(), decoder_out_norm="none")
+  config = dict(dcae_f32c32.smoke_model(), decoder_out_norm="none",
+                decoder_conv_act_fn="identity")
   config.pop("name")
   model = MODELS.get("dcae")(**config)
   x1, x2 = jax.random.normal(jax.random.PRNGKey(1), (2, 1, 32, 32, 3))
@@ -350,6 +352,10 @@ def test_fresh_dcae_with_zeroed_shortcut_convs_is_its_linear_shortcut_path():
   bias = encode(jnp.zeros_like(x1))  # The input conv's bias through the linear path.
   np.testing.assert_allclose(encode(2 * x1 - x2) - bias,
                              2 * (encode(x1) - bias) - (encode(x2) - bias), rtol=1e-4, atol=1e-5)
+  autoencode = jax.jit(lambda x: model.apply({**variables, "params": params}, x))
+  bias = autoencode(jnp.zeros_like(x1))
+  np.testing.assert_allclose(autoencode(2 * x1 - x2) - bias, 2 * (autoencode(x1) - bias) - (
+      autoencode(x2) - bias), rtol=1e-4, atol=1e-5)
   with pytest.raises(Exception, match="decoder_out_norm"):
     MODELS.get("dcae")(**dict(config, decoder_out_norm="layer_norm")).init(
         jax.random.PRNGKey(0), x1)

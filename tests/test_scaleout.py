@@ -37,6 +37,7 @@ MESHES = {
     "single": ("mesh.num_devices=1",),
     "fsdp8": ("mesh.data=1", "mesh.fsdp=8"),
     "data2_fsdp4": ("mesh.data=2", "mesh.fsdp=4"),
+    "data2_fsdp2_tensor2": ("mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"),
 }
 
 
@@ -80,7 +81,7 @@ def test_meshes_agree(runs):
   assert jax.device_count() == 8
   ref_setup, ref = runs["single"][1], runs["single"][2]
   assert ref_setup.mesh.devices.size == 1 and sorted(ref) == [1, 2, 3, 4, 5]
-  for name in ("fsdp8", "data2_fsdp4"):
+  for name in ("fsdp8", "data2_fsdp4", "data2_fsdp2_tensor2"):
     _, setup, losses = runs[name]
     assert setup.mesh.devices.size == 8 and sorted(losses) == [1, 2, 3]
     np.testing.assert_allclose([losses[s] for s in (1, 2, 3)], [ref[s] for s in (1, 2, 3)],
@@ -112,6 +113,12 @@ def test_fsdp_shards_params_and_adam_state(runs):
   mixed = runs["data2_fsdp4"][1].state.params["conv_in"]["kernel"]
   assert mixed.sharding.spec == P(None, None, None, "fsdp")
   assert mixed.addressable_shards[0].data.shape[-1] == mixed.shape[-1] // 4
+  # fsdp 2 x tensor 2: each weight split both ways, ~1/4 of the parameters per device.
+  setup = runs["data2_fsdp2_tensor2"][1]
+  specs = [x.sharding.spec for x in jax.tree.leaves(setup.state.params)]
+  assert any({"fsdp", "tensor"} <= set(s) for s in specs), specs
+  per_device = sharding.bytes_per_device(setup.state.params, setup.state_shardings.params)
+  assert per_device <= sharding.tree_bytes(setup.state.params) / 4 * 1.3
 
 
 @pytest.mark.parametrize("devices,mesh", [(4, ("mesh.data=1", "mesh.fsdp=4")),
@@ -132,13 +139,19 @@ def test_checkpoint_from_8_devices_restores_on_fewer(runs, tmp_path, devices, me
   np.testing.assert_allclose([losses[4], losses[5]], [ref[4], ref[5]], rtol=1e-5, atol=1e-6)
 
 
-def test_fsdp_spec_rules():
-  assert sharding.fsdp_spec((3, 3, 16, 32), 8, 0) == P(None, None, None, "fsdp")
-  assert sharding.fsdp_spec((64, 16), 8, 0) == P("fsdp")
-  assert sharding.fsdp_spec((8, 8), 8, 0) == P(None, "fsdp")  # Ties: the last dimension.
-  assert sharding.fsdp_spec((3, 5), 8, 0) == P()  # Nothing divisible: replicated.
-  assert sharding.fsdp_spec((64, 16), 8, 2048) == P()  # Smaller than min_shard_size.
-  assert sharding.fsdp_spec((64, 16), 1, 0) == P()  # No fsdp axis.
+def test_shape_spec_rules():
+  assert sharding.shape_spec((3, 3, 16, 32), 8, 0) == P(None, None, None, "fsdp")
+  assert sharding.shape_spec((64, 16), 8, 0) == P("fsdp")
+  assert sharding.shape_spec((8, 8), 8, 0) == P(None, "fsdp")  # Ties: the last dimension.
+  assert sharding.shape_spec((3, 5), 8, 0) == P()  # Nothing divisible: replicated.
+  assert sharding.shape_spec((64, 16), 8, 2048) == P()  # Smaller than min_shard_size.
+  assert sharding.shape_spec((64, 16), 1, 0) == P()  # No fsdp axis.
+  # Tensor first, on the hidden dimension of an MLP's kernels (columns in, rows out), then fsdp.
+  assert sharding.shape_spec((64, 256), 4, 0, tensor_size=2) == P("fsdp", "tensor")
+  assert sharding.shape_spec((256, 64), 4, 0, tensor_size=2) == P("tensor", "fsdp")
+  assert sharding.shape_spec((3, 3, 16, 32), 1, 0, tensor_size=2) == P(None, None, None,
+                                                                       "tensor")
+  assert sharding.shape_spec((6,), 4, 0, tensor_size=2) == P("tensor")  # 6 % 4: no fsdp.
 
 
 def test_logically_annotated_params_follow_config_rules():
@@ -157,7 +170,8 @@ def test_logically_annotated_params_follow_config_rules():
   rules = sharding.logical_rules(load_config(SMOKE).mesh)
   layout = sharding.param_shardings(boxed, mesh, rules, min_size=0)
   assert layout["Dense_0"]["kernel"].spec == P("fsdp", "tensor")
-  assert layout["plain"]["kernel"].spec == P("fsdp")  # (64, 8): not annotated, FSDP rule.
+  # (64, 8), not annotated: the shape rule, tensor on the largest dimension, then fsdp.
+  assert layout["plain"]["kernel"].spec == P("tensor", "fsdp")
   with pytest.raises(ConfigError, match="not a mesh axis"):
     sharding.logical_rules({"rules": (("embed", "model"),)})
 

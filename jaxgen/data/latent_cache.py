@@ -194,7 +194,7 @@ def write_cache(config: ml_collections.ConfigDict, *, batch_size: int = 64,
       views["flipped"] = images[:, :, ::-1]
     for kind, x in views.items():
       z = encode(variables, jax.device_put(np.concatenate([x, pad]), split))
-      z = np.asarray(jax.device_get(z))[:b].astype(np.float32)
+      z = sharding.host_array(z)[:b].astype(np.float32)
       writers[kind].add(z)
       if kind == "latents":
         s1 += float(np.sum(z, dtype=np.float64))

@@ -187,13 +187,6 @@ class MeshRunner:
   def pad(self, x: np.ndarray) -> np.ndarray:
     return np.concatenate([x, np.zeros((self.batch - len(x),) + x.shape[1:], x.dtype)])
 
-  @staticmethod
-  def host(x) -> np.ndarray:
-    if jax.process_count() == 1:
-      return np.asarray(jax.device_get(x))
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-
   def feature_fns(self, nets):
     fns = {n: jax.jit(net.fn, in_shardings=(self.repl, self.split), out_shardings=self.split)
            for n, net in nets.items()}
@@ -224,7 +217,7 @@ def real_features(config, runner: MeshRunner, nets, split: str, limit: int,
       x = runner.put(runner.pad(images.astype(np.float32)))
       for n in nets:
         out = fns[n](variables[n], x)
-        outs[n].append({k: runner.host(v)[:len(images)] for k, v in out.items()})
+        outs[n].append({k: sharding.host_array(v)[:len(images)] for k, v in out.items()})
       done += len(images)
       progress.update(len(images))
       if done >= limit:
@@ -336,7 +329,7 @@ def generated_features(setup, nets, labels: np.ndarray, seed: int,
     images = gen(params, setup.state.model_state, rng, runner.put(runner.pad(chunk)))
     for n in nets:
       out = fns[n](variables[n], images)
-      outs[n].append({k: runner.host(v)[:len(chunk)] for k, v in out.items()})
+      outs[n].append({k: sharding.host_array(v)[:len(chunk)] for k, v in out.items()})
     progress.update(len(chunk))
   return {n: _collect(o) for n, o in outs.items()}
 
@@ -433,10 +426,10 @@ def evaluate_reconstruction(setup, out: str, variables, baselines: Dict[str, int
       n = len(images)
       x = runner.put(runner.pad(images))
       values, recon = step(x, lp_vars, variables)
-      per_image.append({k: runner.host(v)[:n] for k, v in values.items()})
+      per_image.append({k: sharding.host_array(v)[:n] for k, v in values.items()})
       for name in nets:
-        real[name].append({k: runner.host(v)[:n] for k, v in fns[name](net_vars[name], x).items()})
-        recon_f[name].append({k: runner.host(v)[:n]
+        real[name].append({k: sharding.host_array(v)[:n] for k, v in fns[name](net_vars[name], x).items()})
+        recon_f[name].append({k: sharding.host_array(v)[:n]
                               for k, v in fns[name](net_vars[name], recon).items()})
       done += n
       progress.update(n)

@@ -280,6 +280,8 @@ class DCAE(nn.Module):
   decoder_act_fns: PerStage = "silu"
   encoder_out_shortcut: bool = True
   decoder_in_shortcut: bool = True
+  # The head's activation before its output conv: "relu" (every published variant); "identity"
+  # keeps the fresh shortcut path linear end to end (relu drops its negative half).
   decoder_conv_act_fn: str = "relu"
   # The head's norm before conv_act_fn: "rms_norm" (every published variant) or "none". Per
   # pixel RMS normalisation removes the feature vector's magnitude, which a small model trained

@@ -40,9 +40,9 @@ def per_conv(value: PerConv, n: int) -> Tuple:
 
 def activation(name: Optional[str]) -> Callable[[jax.Array], jax.Array]:
   """efficientvit / diffusers activation names -> functions (None: identity)."""
-  if name is None:
-    return lambda x: x
+  name = "identity" if name is None else name
   fns = {
+      "identity": lambda x: x,
       "relu": nn.relu,
       "relu6": nn.relu6,
       "silu": nn.silu,

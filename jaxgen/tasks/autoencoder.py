@@ -302,7 +302,7 @@ class AutoencoderTask:
       chunk = np.asarray(images[start:start + batch], np.float32)
       pad = np.zeros((batch - len(chunk),) + chunk.shape[1:], np.float32)
       recon = fn(variables, jax.device_put(np.concatenate([chunk, pad]), split))
-      out.append(np.asarray(jax.device_get(recon))[:len(chunk)])
+      out.append(sharding.host_array(recon)[:len(chunk)])
     return np.concatenate(out) if out else np.zeros((0,) + self.image_shape, np.float32)
 
   def held_out(self, limit: Optional[int] = None) -> np.ndarray:

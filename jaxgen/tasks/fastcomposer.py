@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from jaxgen import sharding
 from jaxgen import visualize
 from jaxgen.config import build_model
 from jaxgen.data import subjects
@@ -214,7 +215,6 @@ class FastComposerTask(DiffusionTask):
                    seed: int) -> np.ndarray:
     """fn(params, model_state, rng, {k: (b, ...)}) over `arrays` in padded, mesh-sharded
     batches -> numpy. The weights are arguments (closed-over arrays would be compiled in)."""
-    from jaxgen import sharding  # pylint: disable=g-import-not-at-top
     state = setup.state if state is None else state
     params = state.ema_params if use_ema else state.params
     n = len(next(iter(arrays.values())))
@@ -230,7 +230,7 @@ class FastComposerTask(DiffusionTask):
       chunk = {k: np.concatenate([v, np.repeat(v[:1], batch - size, 0)]) for k, v in chunk.items()}
       rng = jax.random.fold_in(jax.random.PRNGKey(seed), i)
       result = jitted(params, state.model_state, rng, jax.device_put(chunk, split))
-      out.append(np.asarray(jax.device_get(result))[:size])
+      out.append(sharding.host_array(result)[:size])
     return np.concatenate(out)
 
   def generate_examples(self, setup, examples: Dict[str, np.ndarray], *, seed: int,

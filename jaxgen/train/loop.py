@@ -346,16 +346,8 @@ def generate(setup: Setup, labels: np.ndarray, *, seed: int, use_ema: bool = Tru
     padded = np.concatenate([chunk, np.zeros(batch - len(chunk), np.int32)])
     rng = jax.random.fold_in(jax.random.PRNGKey(seed), i)
     images = gen(params, state.model_state, rng, jax.device_put(padded, split))
-    out.append(host_array(images)[:len(chunk)])
+    out.append(sharding.host_array(images)[:len(chunk)])
   return np.concatenate(out)
-
-
-def host_array(x) -> np.ndarray:
-  """The whole of a (batch-sharded) global array on every process, as numpy."""
-  if jax.process_count() > 1 and not x.is_fully_addressable:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-  return np.asarray(jax.device_get(x))
 
 
 def class_labels(num_classes: int, per_class: int) -> np.ndarray:
