@@ -1,4 +1,4 @@
-"""Device mesh and shardings: the batch over (data, fsdp), parameters FSDP-style over fsdp.
+"""Device mesh and shardings: the batch over (data, fsdp), parameters over fsdp and tensor.
 
 The mesh axes come from `config.mesh` (sizes; one may be -1 for "the rest of the devices").
 Parameter, EMA and optimizer-state leaves are laid out by `state_shardings`:
@@ -117,15 +117,15 @@ def put_batch(batch, mesh: Mesh):
       lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), batch)
 
 
-# -- parameter / optimizer-state layout -----------------------------------------------------------
-
-
 def host_array(x) -> np.ndarray:
   """The whole of a (batch-sharded) global array on every process, as numpy."""
   if jax.process_count() > 1 and not x.is_fully_addressable:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
   return np.asarray(jax.device_get(x))
+
+
+# -- parameter / optimizer-state layout -----------------------------------------------------------
 
 
 def logical_rules(mesh_config: Optional[ml_collections.ConfigDict]) -> tuple:

@@ -428,7 +428,8 @@ def evaluate_reconstruction(setup, out: str, variables, baselines: Dict[str, int
       values, recon = step(x, lp_vars, variables)
       per_image.append({k: sharding.host_array(v)[:n] for k, v in values.items()})
       for name in nets:
-        real[name].append({k: sharding.host_array(v)[:n] for k, v in fns[name](net_vars[name], x).items()})
+        real[name].append({k: sharding.host_array(v)[:n]
+                           for k, v in fns[name](net_vars[name], x).items()})
         recon_f[name].append({k: sharding.host_array(v)[:n]
                               for k, v in fns[name](net_vars[name], recon).items()})
       done += n
