@@ -101,6 +101,12 @@ def num_batch_shards(mesh: Mesh) -> int:
   return math.prod(mesh.shape[a] for a in batch_axes())
 
 
+def mesh_batch_size(batch_size: int, mesh: Mesh) -> int:
+  """`batch_size` rounded down to a multiple of the mesh's batch shards (at least one each)."""
+  shards = num_batch_shards(mesh)
+  return max(shards, batch_size - batch_size % shards)
+
+
 def check_batch_size(batch_size: int, mesh: Mesh) -> None:
   shards = num_batch_shards(mesh)
   if batch_size % shards:

@@ -167,8 +167,7 @@ def write_cache(config: ml_collections.ConfigDict, *, batch_size: int = 64,
     raise ConfigError(f"task {config.get('task')!r} has no autoencoder to encode with; "
                       "a latent cache needs task='latent_diffusion'")
   mesh = sharding.make_mesh(config.mesh)
-  shards = sharding.num_batch_shards(mesh)
-  batch_size = max(shards, batch_size - batch_size % shards)
+  batch_size = sharding.mesh_batch_size(batch_size, mesh)
   repl, split = sharding.replicated(mesh), sharding.batch_sharding(mesh)
   variables = jax.device_put(task.autoencoder_variables(), repl)
   encode = jax.jit(task.encode, in_shardings=(repl, split), out_shardings=split)

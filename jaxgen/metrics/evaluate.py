@@ -171,8 +171,7 @@ class MeshRunner:
 
   def __init__(self, mesh, batch_size: int):
     self.mesh = mesh
-    shards = sharding.num_batch_shards(mesh)
-    self.batch = max(shards, batch_size - batch_size % shards)
+    self.batch = sharding.mesh_batch_size(batch_size, mesh)
     self.repl = sharding.replicated(mesh)
     self.split = sharding.batch_sharding(mesh)
 

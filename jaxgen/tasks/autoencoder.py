@@ -291,9 +291,7 @@ class AutoencoderTask:
   def reconstruct_batches(self, setup, images: np.ndarray, state=None) -> np.ndarray:
     """Reconstructions of NHWC images, in batches of config.sample.batch_size over the mesh."""
     variables = self._eval_variables(setup, state)
-    batch = max(1, setup.config.sample.batch_size)
-    shards = sharding.num_batch_shards(setup.mesh)
-    batch = max(shards, batch - batch % shards)
+    batch = sharding.mesh_batch_size(setup.config.sample.batch_size, setup.mesh)
     split = sharding.batch_sharding(setup.mesh)
     # Variables keep their own (possibly FSDP-sharded) layout.
     fn = jax.jit(self.reconstruct, in_shardings=(None, split), out_shardings=split)

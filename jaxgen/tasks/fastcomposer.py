@@ -219,7 +219,7 @@ class FastComposerTask(DiffusionTask):
     params = state.ema_params if use_ema else state.params
     n = len(next(iter(arrays.values())))
     shards = sharding.num_batch_shards(setup.mesh)
-    batch = max(shards, self.config.sample.batch_size - self.config.sample.batch_size % shards)
+    batch = sharding.mesh_batch_size(self.config.sample.batch_size, setup.mesh)
     batch = min(batch, -(-n // shards) * shards)
     split = sharding.batch_sharding(setup.mesh)
     jitted = jax.jit(fn)

@@ -335,8 +335,7 @@ def generate(setup: Setup, labels: np.ndarray, *, seed: int, use_ema: bool = Tru
   """Generates images for `labels` in batches of `config.sample.batch_size` over the mesh."""
   state = setup.state if state is None else state
   params = state.ema_params if use_ema else state.params
-  batch = setup.config.sample.batch_size
-  batch -= batch % sharding.num_batch_shards(setup.mesh)
+  batch = sharding.mesh_batch_size(setup.config.sample.batch_size, setup.mesh)
   repl, split = sharding.replicated(setup.mesh), sharding.batch_sharding(setup.mesh)
   # Weights keep their (possibly FSDP) layout: None = the argument's own sharding.
   gen = jax.jit(setup.task.generate, in_shardings=(None, None, repl, split), out_shardings=split)
