@@ -17,6 +17,10 @@ tensor axis keeps its slice of every weight through the matmul (Megatron-style: 
 dimension of an MLP's (d, 4d) and (4d, d) kernels is the hidden one, so the first layer is
 split by columns and the second by rows; the partitioner inserts the all-reduce): each device
 holds ~1/(fsdp*tensor) of the weights and sees the whole batch of its (data, fsdp) shard.
+
+Batches: `put_batch` places a training batch (host-local rows); `BatchRunner` runs inference
+(sampling, reconstruction, encoding, feature extraction) over in-memory or streamed inputs in
+fixed-size padded global batches and gathers the results with `host_array`.
 """
 
 import math
@@ -129,6 +133,54 @@ def host_array(x) -> np.ndarray:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
   return np.asarray(jax.device_get(x))
+
+
+class BatchRunner:
+  """Inference in fixed-size global batches on the mesh: every batch has the same shape (one
+  compilation), split over the batch axes; results come back to the host without the padding.
+  Inputs are global batches that every process holds whole (eval reads are unsharded)."""
+
+  def __init__(self, mesh: Mesh, batch_size: int):
+    self.mesh = mesh
+    self.batch = mesh_batch_size(batch_size, mesh)
+    self.repl = replicated(mesh)
+    self.split = batch_sharding(mesh)
+
+  def put(self, batch):
+    """A pytree of numpy arrays with at most `self.batch` rows -> (sharded jax.Arrays padded to
+    `self.batch` rows with copies of the first, the true row count)."""
+    n = len(jax.tree.leaves(batch)[0])
+    if not 0 < n <= self.batch:
+      raise ValueError(f"a batch of {n} rows for a runner of batch size {self.batch}")
+
+    def pad_and_put(x):
+      x = np.asarray(x)
+      x = np.concatenate([x, np.repeat(x[:1], self.batch - n, axis=0)])
+      if jax.process_count() == 1:
+        return jax.device_put(x, self.split)
+      per_process = self.batch // jax.process_count()
+      local = x[jax.process_index() * per_process:(jax.process_index() + 1) * per_process]
+      return jax.make_array_from_process_local_data(self.split, local)
+
+    return jax.tree.map(pad_and_put, batch), n
+
+  def get(self, outputs, n: int):
+    """Batch-sharded outputs (a pytree) -> numpy on every process, the first `n` rows."""
+    return jax.tree.map(lambda x: host_array(x)[:n], outputs)
+
+  def map(self, fn, inputs, progress=None):
+    """fn(batch_index, sharded batch) over the rows of `inputs` (a pytree of arrays), results
+    concatenated on the host; progress(rows) is called after each batch."""
+    n = len(jax.tree.leaves(inputs)[0])
+    outs = []
+    for i, start in enumerate(range(0, n, self.batch)):
+      x, rows = self.put(jax.tree.map(lambda v: v[start:start + self.batch], inputs))
+      outs.append(self.get(fn(i, x), rows))
+      if progress is not None:
+        progress(rows)
+    if not outs:
+      raise ValueError("no rows to run")
+    return jax.tree.map(lambda *xs: np.concatenate(xs), *outs)
 
 
 # -- parameter / optimizer-state layout -----------------------------------------------------------

@@ -154,6 +154,30 @@ def test_shape_spec_rules():
   assert sharding.shape_spec((6,), 4, 0, tensor_size=2) == P("tensor")  # 6 % 4: no fsdp.
 
 
+def test_batch_runner_pads_splits_and_drops_padding():
+  mesh = sharding.make_mesh(tiny_config("mesh.data=2", "mesh.fsdp=4").mesh)
+  runner = sharding.BatchRunner(mesh, 13)  # Rounded down to the 8 batch shards.
+  assert runner.batch == 8
+  inputs = {"x": np.arange(20, dtype=np.float32).reshape(10, 2), "k": np.arange(10)}
+  seen, done = [], []
+
+  compute = jax.jit(lambda b, i: {"y": b["x"] * 2 + b["k"][:, None],
+                                   "i": jnp.full(b["k"].shape, i)})
+
+  def fn(i, batch):
+    seen.append((i, batch["x"].shape, batch["x"].sharding.spec))
+    return compute(batch, i)
+
+  out = runner.map(fn, inputs, progress=done.append)
+  np.testing.assert_array_equal(out["y"], inputs["x"] * 2 + inputs["k"][:, None])
+  np.testing.assert_array_equal(out["i"], [0] * 8 + [1] * 2)
+  assert [s[:2] for s in seen] == [(0, (8, 2)), (1, (8, 2))]  # One shape: one compilation.
+  assert seen[0][2] == P(("data", "fsdp"))
+  assert done == [8, 2]
+  with pytest.raises(ValueError, match="9 rows"):
+    runner.put(np.zeros((9, 2)))
+
+
 def test_logically_annotated_params_follow_config_rules():
 
   class Annotated(nn.Module):

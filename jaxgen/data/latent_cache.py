@@ -167,13 +167,13 @@ def write_cache(config: ml_collections.ConfigDict, *, batch_size: int = 64,
     raise ConfigError(f"task {config.get('task')!r} has no autoencoder to encode with; "
                       "a latent cache needs task='latent_diffusion'")
   mesh = sharding.make_mesh(config.mesh)
-  batch_size = sharding.mesh_batch_size(batch_size, mesh)
-  repl, split = sharding.replicated(mesh), sharding.batch_sharding(mesh)
-  variables = jax.device_put(task.autoencoder_variables(), repl)
-  encode = jax.jit(task.encode, in_shardings=(repl, split), out_shardings=split)
+  runner = sharding.BatchRunner(mesh, batch_size)
+  variables = jax.device_put(task.autoencoder_variables(), runner.repl)
+  encode = jax.jit(task.encode, in_shardings=(runner.repl, runner.split),
+                   out_shardings=runner.split)
   flips = bool(config.data.random_flip)
   iterator = pipeline.make_iterator(
-      plain.data, split="train", global_batch_size=batch_size, seed=0, shuffle=False,
+      plain.data, split="train", global_batch_size=runner.batch, seed=0, shuffle=False,
       num_epochs=1, process_index=0, process_count=1, drop_remainder=False, augment=False)
 
   tmp = directory + ".partial"
@@ -186,20 +186,18 @@ def write_cache(config: ml_collections.ConfigDict, *, batch_size: int = 64,
   n, tic = 0, time.perf_counter()
   for i, batch in enumerate(iterator):
     images = batch["image"]
-    b = len(images)
-    pad = np.zeros((batch_size - b,) + images.shape[1:], images.dtype)
     views = {"latents": images}
     if flips:
       views["flipped"] = images[:, :, ::-1]
     for kind, x in views.items():
-      z = encode(variables, jax.device_put(np.concatenate([x, pad]), split))
-      z = sharding.host_array(z)[:b].astype(np.float32)
+      x, rows = runner.put(x)
+      z = runner.get(encode(variables, x), rows).astype(np.float32)
       writers[kind].add(z)
       if kind == "latents":
         s1 += float(np.sum(z, dtype=np.float64))
         s2 += float(np.sum(np.square(z, dtype=np.float64)))
     labels.append(np.asarray(batch["label"], np.int32))
-    n += b
+    n += len(images)
     if log_every and (i + 1) % log_every == 0:
       rate = n / (time.perf_counter() - tic)
       print(f"encoded {n}/{total} images ({rate:.1f} img/s, ETA "

@@ -166,38 +166,19 @@ class Progress:
           flush=True)
 
 
-class MeshRunner:
-  """Batches of the global size on the mesh (split over the batch axes), results to the host."""
-
-  def __init__(self, mesh, batch_size: int):
-    self.mesh = mesh
-    self.batch = sharding.mesh_batch_size(batch_size, mesh)
-    self.repl = sharding.replicated(mesh)
-    self.split = sharding.batch_sharding(mesh)
-
-  def put(self, x: np.ndarray):
-    """A full global batch (numpy, every process holds all of it) -> sharded jax.Array."""
-    if jax.process_count() == 1:
-      return jax.device_put(x, self.split)
-    n = len(x) // jax.process_count()
-    local = x[jax.process_index() * n:(jax.process_index() + 1) * n]
-    return jax.make_array_from_process_local_data(self.split, local)
-
-  def pad(self, x: np.ndarray) -> np.ndarray:
-    return np.concatenate([x, np.zeros((self.batch - len(x),) + x.shape[1:], x.dtype)])
-
-  def feature_fns(self, nets):
-    fns = {n: jax.jit(net.fn, in_shardings=(self.repl, self.split), out_shardings=self.split)
-           for n, net in nets.items()}
-    variables = {n: jax.device_put(net.variables, self.repl) for n, net in nets.items()}
-    return fns, variables
+def feature_fns(runner: sharding.BatchRunner, nets):
+  """Per net: its jitted fn (replicated weights, batch-split images) and its replicated weights."""
+  fns = {n: jax.jit(net.fn, in_shardings=(runner.repl, runner.split), out_shardings=runner.split)
+         for n, net in nets.items()}
+  variables = {n: jax.device_put(net.variables, runner.repl) for n, net in nets.items()}
+  return fns, variables
 
 
 def _collect(outs: List[Dict[str, np.ndarray]]) -> Dict[str, np.ndarray]:
   return {k: np.concatenate([o[k] for o in outs]) for k in outs[0]} if outs else {}
 
 
-def real_features(config, runner: MeshRunner, nets, split: str, limit: int,
+def real_features(config, runner: sharding.BatchRunner, nets, split: str, limit: int,
                   what: str) -> Dict[str, Dict[str, np.ndarray]]:
   """Features of the first `limit` real images of `split` (unshuffled, unaugmented)."""
   it = data_lib.make_iterator(_image_data(config.data), split=split,
@@ -205,7 +186,7 @@ def real_features(config, runner: MeshRunner, nets, split: str, limit: int,
                               num_epochs=1, process_index=0, process_count=1,
                               drop_remainder=False, augment=False)
   limit = min(int(limit), it.num_examples)  # The split may hold fewer.
-  fns, variables = runner.feature_fns(nets)
+  fns, variables = feature_fns(runner, nets)
   outs = {n: [] for n in nets}
   progress, done = None, 0
   try:
@@ -213,10 +194,9 @@ def real_features(config, runner: MeshRunner, nets, split: str, limit: int,
       images = batch["image"][:limit - done]
       if progress is None:
         progress = Progress(what, limit)
-      x = runner.put(runner.pad(images.astype(np.float32)))
+      x, rows = runner.put(images.astype(np.float32))
       for n in nets:
-        out = fns[n](variables[n], x)
-        outs[n].append({k: sharding.host_array(v)[:len(images)] for k, v in out.items()})
+        outs[n].append(runner.get(fns[n](variables[n], x), rows))
       done += len(images)
       progress.update(len(images))
       if done >= limit:
@@ -226,7 +206,7 @@ def real_features(config, runner: MeshRunner, nets, split: str, limit: int,
   return {n: _collect(o) for n, o in outs.items()}
 
 
-def reference(config, runner: MeshRunner, nets, directory: str) -> Dict[str, Dict]:
+def reference(config, runner: sharding.BatchRunner, nets, directory: str) -> Dict[str, Dict]:
   """{net: {"mu", "sigma", "features" | None, "source"}}: loaded from the cache (or, for
   Inception, eval.reference_stats), else computed from config.data and cached."""
   e = config.eval
@@ -312,25 +292,22 @@ def generated_features(setup, nets, labels: np.ndarray, seed: int,
   """Samples for `labels` with the task's generate (config.sample's sampler) on the mesh,
   through every net; returns host features per net. Batch i draws from fold_in(seed, i), as
   `jaxgen.train.loop.generate` does, so both give the same images for the same batch size."""
-  runner = MeshRunner(setup.mesh, int(setup.config.sample.batch_size))
+  runner = sharding.BatchRunner(setup.mesh, int(setup.config.sample.batch_size))
   params = setup.state.ema_params if use_ema else setup.state.params
   # Params and model state keep their own (possibly FSDP) shardings, as in loop.generate.
   gen = jax.jit(setup.task.generate, in_shardings=(None, None, runner.repl, runner.split),
                 out_shardings=runner.split)
-  fns, variables = runner.feature_fns(nets)
-  outs = {n: [] for n in nets}
+  fns, variables = feature_fns(runner, nets)
   progress = Progress(f"sampling {len(labels)} images ({setup.config.sample.method}, "
                       f"{setup.config.sample.num_steps} steps, guidance "
                       f"{setup.config.sample.guidance_scale})", len(labels))
-  for i, start in enumerate(range(0, len(labels), runner.batch)):
-    chunk = labels[start:start + runner.batch]
-    rng = jax.random.fold_in(jax.random.PRNGKey(seed), i)
-    images = gen(params, setup.state.model_state, rng, runner.put(runner.pad(chunk)))
-    for n in nets:
-      out = fns[n](variables[n], images)
-      outs[n].append({k: sharding.host_array(v)[:len(chunk)] for k, v in out.items()})
-    progress.update(len(chunk))
-  return {n: _collect(o) for n, o in outs.items()}
+
+  def sample_and_featurize(i, batch):
+    images = gen(params, setup.state.model_state,
+                 jax.random.fold_in(jax.random.PRNGKey(seed), i), batch)
+    return {n: fns[n](variables[n], images) for n in nets}
+
+  return runner.map(sample_and_featurize, labels, progress=progress.update)
 
 
 def evaluate_generator(setup, out: str) -> Dict:
@@ -344,7 +321,7 @@ def evaluate_generator(setup, out: str) -> Dict:
                               (["digits"] if "class_accuracy" in plain else [])))
   directory = cache_dir(config, out)
   nets = build_nets(config, needed, directory)
-  runner = MeshRunner(setup.mesh, int(config.sample.batch_size))
+  runner = sharding.BatchRunner(setup.mesh, int(config.sample.batch_size))
   ref_nets = {n: nets[n] for n in dict.fromkeys(net for stat, net in stats)}
   refs = reference(config, runner, ref_nets, directory) if ref_nets else {}
   check_references(stats, refs)  # Before sampling: fail fast.
@@ -387,8 +364,8 @@ def evaluate_reconstruction(setup, out: str, variables, baselines: Dict[str, int
   spec = e.get("metrics") or default_metrics(config, "reconstruction", 1)
   plain, stats = parse_metrics(spec, ("psnr", "ssim", "lpips"), RECONSTRUCTION_STATS)
   nets = build_nets(config, [net for _, net in stats], cache_dir(config, out))
-  runner = MeshRunner(setup.mesh, int(config.sample.batch_size))
-  fns, net_vars = runner.feature_fns(nets)
+  runner = sharding.BatchRunner(setup.mesh, int(config.sample.batch_size))
+  fns, net_vars = feature_fns(runner, nets)
   lpips_net = config.autoencoder.get("lpips_net", "alexnet")
   lp_module = lpips.LPIPS(lpips_net)
   lp_vars = jax.device_put(lpips.load_weights(lpips_net), runner.repl) if "lpips" in plain else None
@@ -423,14 +400,12 @@ def evaluate_reconstruction(setup, out: str, variables, baselines: Dict[str, int
     for batch in it:
       images = batch["image"][:limit - done].astype(np.float32)
       n = len(images)
-      x = runner.put(runner.pad(images))
+      x, _ = runner.put(images)
       values, recon = step(x, lp_vars, variables)
-      per_image.append({k: sharding.host_array(v)[:n] for k, v in values.items()})
+      per_image.append(runner.get(values, n))
       for name in nets:
-        real[name].append({k: sharding.host_array(v)[:n]
-                           for k, v in fns[name](net_vars[name], x).items()})
-        recon_f[name].append({k: sharding.host_array(v)[:n]
-                              for k, v in fns[name](net_vars[name], recon).items()})
+        real[name].append(runner.get(fns[name](net_vars[name], x), n))
+        recon_f[name].append(runner.get(fns[name](net_vars[name], recon), n))
       done += n
       progress.update(n)
       if done >= limit:

@@ -290,18 +290,13 @@ class AutoencoderTask:
 
   def reconstruct_batches(self, setup, images: np.ndarray, state=None) -> np.ndarray:
     """Reconstructions of NHWC images, in batches of config.sample.batch_size over the mesh."""
+    if not len(images):
+      return np.zeros((0,) + self.image_shape, np.float32)
     variables = self._eval_variables(setup, state)
-    batch = sharding.mesh_batch_size(setup.config.sample.batch_size, setup.mesh)
-    split = sharding.batch_sharding(setup.mesh)
+    runner = sharding.BatchRunner(setup.mesh, setup.config.sample.batch_size)
     # Variables keep their own (possibly FSDP-sharded) layout.
-    fn = jax.jit(self.reconstruct, in_shardings=(None, split), out_shardings=split)
-    out = []
-    for start in range(0, len(images), batch):
-      chunk = np.asarray(images[start:start + batch], np.float32)
-      pad = np.zeros((batch - len(chunk),) + chunk.shape[1:], np.float32)
-      recon = fn(variables, jax.device_put(np.concatenate([chunk, pad]), split))
-      out.append(sharding.host_array(recon)[:len(chunk)])
-    return np.concatenate(out) if out else np.zeros((0,) + self.image_shape, np.float32)
+    fn = jax.jit(self.reconstruct, in_shardings=(None, runner.split), out_shardings=runner.split)
+    return runner.map(lambda i, x: fn(variables, x), np.asarray(images, np.float32))
 
   def held_out(self, limit: Optional[int] = None) -> np.ndarray:
     """The first `limit` images of the test split, unshuffled and unaugmented."""

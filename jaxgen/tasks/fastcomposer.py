@@ -218,20 +218,14 @@ class FastComposerTask(DiffusionTask):
     state = setup.state if state is None else state
     params = state.ema_params if use_ema else state.params
     n = len(next(iter(arrays.values())))
+    # A few prompts (the smoke runs) need not fill a whole sampling batch.
     shards = sharding.num_batch_shards(setup.mesh)
-    batch = sharding.mesh_batch_size(self.config.sample.batch_size, setup.mesh)
-    batch = min(batch, -(-n // shards) * shards)
-    split = sharding.batch_sharding(setup.mesh)
+    runner = sharding.BatchRunner(setup.mesh,
+                                  min(int(self.config.sample.batch_size), -(-n // shards) * shards))
     jitted = jax.jit(fn)
-    out = []
-    for i, start in enumerate(range(0, n, batch)):
-      chunk = {k: v[start:start + batch] for k, v in arrays.items()}
-      size = len(next(iter(chunk.values())))
-      chunk = {k: np.concatenate([v, np.repeat(v[:1], batch - size, 0)]) for k, v in chunk.items()}
-      rng = jax.random.fold_in(jax.random.PRNGKey(seed), i)
-      result = jitted(params, state.model_state, rng, jax.device_put(chunk, split))
-      out.append(sharding.host_array(result)[:size])
-    return np.concatenate(out)
+    return runner.map(lambda i, batch: jitted(params, state.model_state,
+                                              jax.random.fold_in(jax.random.PRNGKey(seed), i),
+                                              batch), arrays)
 
   def generate_examples(self, setup, examples: Dict[str, np.ndarray], *, seed: int,
                         subject_start: Optional[float] = None, state=None,

@@ -335,18 +335,13 @@ def generate(setup: Setup, labels: np.ndarray, *, seed: int, use_ema: bool = Tru
   """Generates images for `labels` in batches of `config.sample.batch_size` over the mesh."""
   state = setup.state if state is None else state
   params = state.ema_params if use_ema else state.params
-  batch = sharding.mesh_batch_size(setup.config.sample.batch_size, setup.mesh)
-  repl, split = sharding.replicated(setup.mesh), sharding.batch_sharding(setup.mesh)
+  runner = sharding.BatchRunner(setup.mesh, setup.config.sample.batch_size)
   # Weights keep their (possibly FSDP) layout: None = the argument's own sharding.
-  gen = jax.jit(setup.task.generate, in_shardings=(None, None, repl, split), out_shardings=split)
-  out = []
-  for i, start in enumerate(range(0, len(labels), batch)):
-    chunk = np.asarray(labels[start:start + batch], np.int32)
-    padded = np.concatenate([chunk, np.zeros(batch - len(chunk), np.int32)])
-    rng = jax.random.fold_in(jax.random.PRNGKey(seed), i)
-    images = gen(params, state.model_state, rng, jax.device_put(padded, split))
-    out.append(sharding.host_array(images)[:len(chunk)])
-  return np.concatenate(out)
+  gen = jax.jit(setup.task.generate, in_shardings=(None, None, runner.repl, runner.split),
+                out_shardings=runner.split)
+  return runner.map(lambda i, batch: gen(params, state.model_state,
+                                         jax.random.fold_in(jax.random.PRNGKey(seed), i), batch),
+                    np.asarray(labels, np.int32))
 
 
 def class_labels(num_classes: int, per_class: int) -> np.ndarray:
