@@ -1,6 +1,7 @@
 """Data pipelines: embedded MNIST-5k and photos, tfds (mocked and unprepared), sharding, state."""
 
 import collections
+import itertools
 import json
 
 import ml_collections
@@ -225,6 +226,20 @@ def test_photos_train_crops():
   for crop in crops[:2]:
     assert any(_found_in(crop, p) for p in train)
     assert not any(_found_in(crop, p) for p in test)
+
+
+def test_random_channel_order_permutes_the_same_crops():
+  plain = next(_it(config=_photos(), batch=32))["image"]
+  permuted = next(_it(config=_photos(random_channel_order=True), batch=32))["image"]
+  orders = set()
+  for x, y in zip(plain, permuted):  # The crop is drawn first: the same windows.
+    found = [p for p in itertools.permutations(range(3)) if np.array_equal(x[..., p], y)]
+    assert found
+    orders.add(found[0])
+  assert len(orders) > 2
+  test = _photos(random_channel_order=True)  # Evaluation streams are never permuted.
+  np.testing.assert_array_equal(next(_it(config=test, split="test", batch=4))["image"],
+                                next(_it(config=_photos(), split="test", batch=4))["image"])
 
 
 def test_photos_test_split_is_held_out_grid():

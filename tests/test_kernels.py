@@ -1,12 +1,16 @@
-"""The condition-aware depthwise conv: Pallas (interpret mode on CPU) and folded forms vs XLA."""
+"""Depthwise convs: the condition-aware one's Pallas (interpret mode on CPU), shifted-sum and
+folded forms vs XLA, and the shared-kernel shifted sum (DepthwiseConv) vs nn.Conv."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from jaxgen.kernels import ca_depthwise_conv
+from jaxgen.kernels import depthwise_conv
 from jaxgen.kernels.ca_depthwise_conv import output_size, resolve_impl
+from jaxgen.nn.efficientvit import ConvLayer
 
 
 def _inputs(shape, k, dtype, bias, seed=0):
@@ -61,7 +65,8 @@ def test_forward_matches_xla_and_loops(shape, k, stride, dtype, bias):
   np.testing.assert_allclose(np.asarray(ref, np.float64), _loop_reference(x, w, b, stride),
                              **_tol(dtype))
   # The folded form is a benchmark reference: checked on the float32 cases only.
-  for impl in ("pallas", "folded") if dtype == jnp.float32 else ("pallas",):
+  impls = ("pallas", "folded") if dtype == jnp.float32 else ("pallas",)
+  for impl in impls + (("shifts",) if stride == 1 else ()):
     f = jax.jit(lambda x, w, b, impl=impl: ca_depthwise_conv(x, w, b, stride=stride, impl=impl))
     out = f(x, w, b)
     assert out.shape == ref.shape and out.dtype == dtype, impl
@@ -83,15 +88,40 @@ def test_gradients_match_xla(shape, k, stride, dtype):
     return jax.grad(f, argnums=(0, 1, 2))(x, w, b)
 
   tol = _tol(dtype) if dtype == jnp.float32 else dict(rtol=5e-2, atol=1e-1)
-  for got, want, name in zip(loss("pallas"), loss("xla"), ("dx", "dw", "db")):
-    assert got.dtype == want.dtype == dtype, name
-    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
-                               **tol, err_msg=name)
+  want = loss("xla")
+  for impl in ("pallas", "shifts") if stride == 1 else ("pallas",):
+    for got, ref, name in zip(loss(impl), want, ("dx", "dw", "db")):
+      assert got.dtype == ref.dtype == dtype, name
+      np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(ref, np.float32),
+                                 **tol, err_msg=f"{impl} {name}")
 
 
-def test_auto_is_xla_on_cpu_and_errors():
+@pytest.mark.parametrize("k,stride", [(3, 1), (5, 1), (3, 2)])
+def test_depthwise_conv_layer_matches_nn_conv(k, stride):
+  """ConvLayer's depthwise conv (shifted sums on CPU; XLA for stride 2) has nn.Conv's
+  parameters, values and gradients."""
+  x = jax.random.normal(jax.random.PRNGKey(2), (2, 9, 7, 12))
+  layer = ConvLayer(12, k, stride, groups=12, use_bias=True)
+  params = layer.init(jax.random.PRNGKey(3), x)["params"]
+  ref = nn.Conv(12, (k, k), (stride, stride), padding=((k // 2, k // 2),) * 2,
+                feature_group_count=12)
+  assert jax.tree.map(jnp.shape, params["conv"]) == jax.tree.map(
+      jnp.shape, ref.init(jax.random.PRNGKey(3), x)["params"])
+  loss = lambda y: jnp.sum(jnp.sin(y))
+  got = jax.value_and_grad(lambda p: loss(layer.apply({"params": {"conv": p}}, x)))(
+      params["conv"])
+  want = jax.value_and_grad(lambda p: loss(ref.apply({"params": p}, x)))(params["conv"])
+  for g, r in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-5, atol=1e-5)
+  assert depthwise_conv.use_shifts((k, k), stride) == (stride == 1)  # auto on CPU
+  with pytest.raises(ValueError, match="stride 1"):
+    depthwise_conv.use_shifts((k, k), 2, "shifts")
+
+
+def test_auto_is_shifts_on_cpu_and_errors():
   assert jax.default_backend() == "cpu"
-  assert resolve_impl("auto") == "xla"
+  assert resolve_impl("auto") == "shifts"
+  assert resolve_impl("auto", (3, 3), 2) == "xla"
   x, w, _ = _inputs((1, 4, 4, 3), 3, jnp.float32, False)
   with pytest.raises(ValueError, match="impl"):
     ca_depthwise_conv(x, w, impl="cuda")

@@ -12,6 +12,8 @@ with b = global batch size / process count. `config.data` fields:
   num_classes     must equal the dataset's (mnist5k 10, photos 1, tfds: its label feature)
 Optional (read with .get, absent from most configs):
   crops_per_photo photos: random crops per train photo per epoch (default 100)
+  random_channel_order  a random order of the image channels per training example (RGB: one of
+                  6; an autoencoder then meets every hue family, not only its photos')
   num_threads     reader threads (default 0 for the embedded sources, 8 for tfds)
   prefetch        batches read ahead (default num_threads)
   latent_cache    latent diffusion: a directory written by `python -m jaxgen.data.latent_cache`;

@@ -123,10 +123,12 @@ class DataIterator:
     self._it.close()
 
 
-def _make_example(source, split: str, flip: bool, record, rng=None) -> dict:
+def _make_example(source, split: str, flip: bool, permute: bool, record, rng=None) -> dict:
   example = source.example(split, record, rng)
   if flip:
     example["image"] = transforms.maybe_flip(example["image"], rng)
+  if permute:
+    example["image"] = transforms.permute_channels(example["image"], rng)
   return example
 
 
@@ -148,7 +150,8 @@ def make_iterator(data_config: ml_collections.ConfigDict, *, split: str = "train
     drop_remainder: with finite epochs, drop the final partial global batch (every process
       then yields the same number of batches); False keeps it, which can leave processes with
       unequal batch counts (fine on one process, e.g. evaluation).
-    augment: random crops (photos) and, with data.random_flip, flips; default: split == "train".
+    augment: random crops (photos) and, with data.random_flip, flips (with
+      data.random_channel_order, channel permutations); default: split == "train".
   """
   source = _source_for(data_config, split)
   if process_index is None or process_count is None:
@@ -175,7 +178,11 @@ def make_iterator(data_config: ml_collections.ConfigDict, *, split: str = "train
     ds = ds[:len(ds) // global_batch_size * global_batch_size]
   # A latent cache flips by itself (it picks the stored latent of the flipped image).
   flip = bool(augment and data_config.random_flip and source.name != latent_cache.LatentCache.name)
-  example = functools.partial(_make_example, source, split, flip)
+  permute = bool(augment and data_config.get("random_channel_order"))
+  if permute and source.name == latent_cache.LatentCache.name:
+    raise ConfigError("data.random_channel_order permutes image channels, but the stream comes "
+                      "from a latent cache; turn it off or train on images")
+  example = functools.partial(_make_example, source, split, flip, permute)
   if augment:
     # Seeded by stream position (before sharding): independent of the process count.
     ds = ds.random_map(example, seed=_derived_seed(seed, 1))

@@ -71,3 +71,8 @@ def grid_crop_origins(shape: Tuple[int, int], size: int) -> List[Tuple[int, int]
 def maybe_flip(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
   """Horizontal flip with probability 1/2."""
   return image[:, ::-1] if rng.random() < 0.5 else image
+
+
+def permute_channels(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+  """The channels (last axis) in a uniformly random order: RGB -> any of its 6 orders."""
+  return image[..., rng.permutation(image.shape[-1])]

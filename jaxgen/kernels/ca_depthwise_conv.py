@@ -15,9 +15,11 @@ Implementations (`impl`):
       window. Lowers with Triton on GPU (all loaded tiles have power-of-2 sizes: channels and
       width are padded) and Mosaic on TPU; on CPU it runs the same kernel with interpret=True.
   "xla": `vmap` over the batch of `lax.conv_general_dilated(feature_group_count=C)`.
+  "shifts": kh*kw shifted multiply-adds with the per-sample taps (`jaxgen.kernels.
+      depthwise_conv`; stride 1, odd kernels): XLA:CPU's fast path.
   "folded": the batch folded into the channels, one grouped conv (CAN's reference form; kept for
       the benchmark only).
-  "auto": "pallas" on GPU / TPU, "xla" elsewhere.
+  "auto": "pallas" on GPU / TPU; elsewhere "shifts" where it applies, else "xla".
 
 Gradients of the Pallas path come from a `jax.custom_vjp`: dx is the same Pallas kernel with
 the spatially flipped kernel (stride 1, odd kernels; XLA otherwise), dw is a per-sample
@@ -31,7 +33,9 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-IMPLS = ("auto", "pallas", "xla", "folded")
+from jaxgen.kernels import depthwise_conv as dw_lib
+
+IMPLS = ("auto", "pallas", "xla", "shifts", "folded")
 
 # Backend specifics, kept in this one table. block_c: channels per program (a power of 2;
 # 128 = one TPU lane row); tile: output elements per program (rows are chosen to fit);
@@ -222,12 +226,17 @@ def ca_depthwise_conv_pallas(x, w, b=None, *, stride: int = 1, platform: Optiona
 # Public entry point.
 
 
-def resolve_impl(impl: str) -> str:
-  """"auto" -> "pallas" where the kernel compiles for the default backend (GPU, TPU), else "xla"."""
+def resolve_impl(impl: str, kernel_size=(3, 3), stride: int = 1) -> str:
+  """"auto" -> "pallas" where the kernel compiles for the default backend (GPU, TPU), else
+  "shifts" (stride 1, odd kernels) or "xla"."""
   if impl not in IMPLS:
     raise ValueError(f"unknown ca_depthwise_conv impl {impl!r}; choose from {IMPLS}")
   if impl == "auto":
-    return "pallas" if _platform() in ("gpu", "tpu") else "xla"
+    if _platform() in ("gpu", "tpu"):
+      return "pallas"
+    return "shifts" if dw_lib.use_shifts(kernel_size, stride) else "xla"
+  if impl == "shifts":
+    dw_lib.use_shifts(kernel_size, stride, "shifts")  # Raises where it does not apply.
   return impl
 
 
@@ -243,7 +252,10 @@ def ca_depthwise_conv(x, w, b=None, *, stride: int = 1, impl: str = "auto"):
     raise ValueError(f"expected b of shape {(x.shape[0], x.shape[3])}; got {b.shape}")
   if stride < 1:
     raise ValueError(f"stride must be >= 1, got {stride}")
-  impl = resolve_impl(impl)
+  impl = resolve_impl(impl, w.shape[1:3], stride)
+  if impl == "shifts":
+    y = dw_lib.shifted_depthwise_conv(x.astype(jnp.float32), w.astype(jnp.float32))
+    return _add_bias(y, b).astype(x.dtype)
   if impl == "xla":
     return ca_depthwise_conv_xla(x, w, b, stride=stride)
   if impl == "folded":

@@ -19,8 +19,11 @@ use_bias=, dtype=, name="conv")`; extra keyword arguments given to the block's `
 from typing import Any, Callable, Optional, Sequence, Tuple, Union
 
 import flax.linen as nn
+from flax.linen import dtypes as flax_dtypes
 import jax
 import jax.numpy as jnp
+
+from jaxgen.kernels import depthwise_conv as dw_lib
 
 Dtype = Any
 PerConv = Union[Any, Sequence[Any]]
@@ -104,6 +107,37 @@ def apply_norm(kind: Optional[str], x, train: bool, name: str, dtype: Optional[D
                       name=name)(x)
 
 
+class DepthwiseConv(nn.Module):
+  """`nn.Conv(feature_group_count=features)` for odd kernels with padding k//2, with nn.Conv's
+  parameters (`kernel` (k, k, 1, C), `bias`) and dtype rules, computed by
+  `jaxgen.kernels.depthwise_conv` (shifted multiply-adds on CPU, where XLA's grouped conv is
+  slow). Takes ConvLayer's conv_cls arguments."""
+  features: int
+  kernel_size: Tuple[int, int]
+  strides: Tuple[int, int] = (1, 1)
+  padding: Any = None  # Must be k//2 on each side (checked).
+  feature_group_count: Optional[int] = None
+  use_bias: bool = True
+  dtype: Optional[Dtype] = None
+
+  @nn.compact
+  def __call__(self, x):
+    c, (kh, kw) = x.shape[-1], self.kernel_size
+    expected = ((kh // 2, kh // 2), (kw // 2, kw // 2))
+    if (self.features != c or self.feature_group_count not in (None, c) or kh % 2 == 0
+        or self.strides[0] != self.strides[1]
+        or tuple(map(tuple, self.padding or expected)) != expected):
+      raise ValueError(f"DepthwiseConv: {c} -> {self.features} channels, groups "
+                       f"{self.feature_group_count}, kernel {self.kernel_size}, padding "
+                       f"{self.padding}: needs features = groups = input channels, odd "
+                       "kernels and padding k//2")
+    kernel = self.param("kernel", nn.initializers.lecun_normal(), (kh, kw, 1, c))
+    bias = self.param("bias", nn.initializers.zeros_init(), (c,)) if self.use_bias else None
+    x, kernel, bias = flax_dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+    y = dw_lib.depthwise_conv(x, kernel[:, :, 0, :], stride=self.strides[0])
+    return y if bias is None else y + bias
+
+
 class ConvLayer(nn.Module):
   """conv (PyTorch padding k//2 * dilation) -> optional norm -> optional activation.
 
@@ -128,10 +162,13 @@ class ConvLayer(nn.Module):
                   strides=(self.strides, self.strides), padding=((pad, pad), (pad, pad)),
                   feature_group_count=self.groups, use_bias=self.use_bias, dtype=self.dtype,
                   name="conv")
-    if self.conv_cls is None:
-      conv = nn.Conv(kernel_dilation=(self.dilation, self.dilation), **kwargs)
-    else:
+    if self.conv_cls is not None:
       conv = self.conv_cls(**kwargs)
+    elif self.groups == self.features == x.shape[-1] > 1 and self.dilation == 1 and \
+        self.kernel_size % 2:
+      conv = DepthwiseConv(**kwargs)
+    else:
+      conv = nn.Conv(kernel_dilation=(self.dilation, self.dilation), **kwargs)
     x = conv(x, **conv_kwargs)
     x = apply_norm(self.norm, x, train, "norm", self.dtype)
     return activation(self.act)(x)
@@ -263,8 +300,9 @@ class _ScaleAggregation(nn.Module):
   @nn.compact
   def __call__(self, qkv):
     c, p = qkv.shape[-1], self.kernel_size // 2
-    qkv = nn.Conv(c, (self.kernel_size,) * 2, padding=((p, p), (p, p)), feature_group_count=c,
-                  use_bias=self.use_bias, dtype=self.dtype, name="proj_in")(qkv)
+    qkv = DepthwiseConv(c, (self.kernel_size,) * 2, padding=((p, p), (p, p)),
+                        feature_group_count=c, use_bias=self.use_bias, dtype=self.dtype,
+                        name="proj_in")(qkv)
     return nn.Conv(c, (1, 1), feature_group_count=self.groups, use_bias=self.use_bias,
                    dtype=self.dtype, name="proj_out")(qkv)
 
