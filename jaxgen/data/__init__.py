@@ -13,7 +13,7 @@ with b = global batch size / process count. `config.data` fields:
 Optional (read with .get, absent from most configs):
   crops_per_photo photos: random crops per train photo per epoch (default 100)
   random_channel_order  a random order of the image channels per training example (RGB: one of
-                  6; an autoencoder then meets every hue family, not only its photos')
+                  6), so an autoencoder meets colours its training photos lack
   num_threads     reader threads (default 0 for the embedded sources, 8 for tfds)
   prefetch        batches read ahead (default num_threads)
   latent_cache    latent diffusion: a directory written by `python -m jaxgen.data.latent_cache`;

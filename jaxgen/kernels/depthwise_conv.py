@@ -3,10 +3,11 @@
   y[n, h, w, c] = sum_{i, j} xpad[n, h + i, w + j, c] * w[(n,) i, j, c]
 
 (stride 1, odd kernels, PyTorch padding k//2). XLA:CPU lowers `conv_general_dilated(
-feature_group_count=C)` through a generic convolution path: on the shapes of DC-AE's and CaT's
-depthwise convs its forward is 10-50x and its autodiff backward about 3x slower than these
-fused elementwise multiply-adds (`python -m benchmarks.ca_depthwise_conv --impls=xla,shifts`). GPUs and TPUs have
-fast library depthwise convs, so `depthwise_conv` keeps XLA's conv there.
+feature_group_count=C)` through a generic convolution path, far slower than these fused
+elementwise multiply-adds: on DC-AE's GLUMBConv shapes ~45x forward and ~3-5x backward; per
+sample (CAN) 24-77x forward and 6-238x value-and-grad against the vmapped conv (BENCHMARKS.md,
+`python -m benchmarks.ca_depthwise_conv --impls=xla,shifts`). GPUs and TPUs have fast library
+depthwise convs, so `depthwise_conv` keeps XLA's conv there.
 
 The kernel is either shared, (kh, kw, C), or per sample, (N, kh, kw, C) (CAN's condition-aware
 depthwise conv). Gradients: dx is the same shifted sum of the cotangent with the flipped

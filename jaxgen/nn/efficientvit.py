@@ -141,7 +141,8 @@ class DepthwiseConv(nn.Module):
 class ConvLayer(nn.Module):
   """conv (PyTorch padding k//2 * dilation) -> optional norm -> optional activation.
 
-  Children: `conv` (kernel HWIO, bias) and `norm`.
+  Children: `conv` (kernel HWIO, bias) and `norm`. A depthwise conv (groups = features = input
+  channels) is a `DepthwiseConv`, with the same parameters.
   """
   features: int
   kernel_size: int = 3
