@@ -135,6 +135,12 @@ def host_array(x) -> np.ndarray:
   return np.asarray(jax.device_get(x))
 
 
+def batch_rng(seed: int, index: int) -> jax.Array:
+  """The key of batch `index` in a seeded BatchRunner.map run. Every sampler draws batch i from
+  it, so sampling the same labels with the same batch size gives the same images anywhere."""
+  return jax.random.fold_in(jax.random.PRNGKey(seed), index)
+
+
 class BatchRunner:
   """Inference in fixed-size global batches on the mesh: every batch has the same shape (one
   compilation), split over the batch axes; results come back to the host without the padding.

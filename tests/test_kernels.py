@@ -115,7 +115,7 @@ def test_depthwise_conv_layer_matches_nn_conv(k, stride):
     np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-5, atol=1e-5)
   assert depthwise_conv.use_shifts((k, k), stride) == (stride == 1)  # auto on CPU
   with pytest.raises(ValueError, match="stride 1"):
-    depthwise_conv.use_shifts((k, k), 2, "shifts")
+    resolve_impl("shifts", (k, k), 2)
 
 
 def test_auto_is_shifts_on_cpu_and_errors():

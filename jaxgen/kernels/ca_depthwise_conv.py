@@ -72,13 +72,8 @@ def output_size(size: int, k: int, stride: int) -> int:
 
 def _conv_one(x, w, stride):
   """One sample: x (H, W, C), w (kh, kw, C) -> (Ho, Wo, C), depthwise, fp32 accumulation."""
-  kh, kw, c = w.shape
-  y = jax.lax.conv_general_dilated(
-      x[None], w[:, :, None, :], window_strides=(stride, stride),
-      padding=((kh // 2, kh // 2), (kw // 2, kw // 2)),
-      dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=c,
-      precision=jax.lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
-  return y[0]
+  return dw_lib.xla_depthwise_conv(x[None], w, stride, precision=jax.lax.Precision.HIGHEST,
+                                   preferred_element_type=jnp.float32)[0]
 
 
 def _add_bias(y, b):
@@ -234,9 +229,10 @@ def resolve_impl(impl: str, kernel_size=(3, 3), stride: int = 1) -> str:
   if impl == "auto":
     if _platform() in ("gpu", "tpu"):
       return "pallas"
-    return "shifts" if dw_lib.use_shifts(kernel_size, stride) else "xla"
-  if impl == "shifts":
-    dw_lib.use_shifts(kernel_size, stride, "shifts")  # Raises where it does not apply.
+    return "shifts" if dw_lib.shifts_apply(kernel_size, stride) else "xla"
+  if impl == "shifts" and not dw_lib.shifts_apply(kernel_size, stride):
+    raise ValueError(f"impl 'shifts' needs stride 1 and odd kernels, got kernel "
+                     f"{tuple(kernel_size)} stride {stride}; use impl='xla'")
   return impl
 
 

@@ -20,9 +20,6 @@ import functools
 import jax
 import jax.numpy as jnp
 
-IMPLS = ("auto", "shifts", "xla")
-
-
 def _pad(x, kh: int, kw: int):
   return jnp.pad(x, ((0, 0), (kh // 2, kh // 2), (kw // 2, kw // 2), (0, 0)))
 
@@ -68,29 +65,28 @@ def _bwd(res, g):
 shifted_depthwise_conv.defvjp(_fwd, _bwd)
 
 
-def xla_depthwise_conv(x, w, stride: int = 1):
-  """Shared kernel (kh, kw, C) through `lax.conv_general_dilated`, padding k//2."""
+def xla_depthwise_conv(x, w, stride: int = 1, **conv_kwargs):
+  """Shared kernel (kh, kw, C) through `lax.conv_general_dilated`, padding k//2 (conv_kwargs:
+  e.g. precision, preferred_element_type)."""
   kh, kw, c = w.shape
   return jax.lax.conv_general_dilated(
       x, w[:, :, None, :], window_strides=(stride, stride),
       padding=((kh // 2, kh // 2), (kw // 2, kw // 2)),
-      dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=c)
+      dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=c, **conv_kwargs)
 
 
-def use_shifts(kernel_size, stride: int, impl: str = "auto") -> bool:
-  """Whether `depthwise_conv` takes the shifted-sum path: forced by impl="shifts" (stride 1,
-  odd kernels only), chosen by impl="auto" on CPU."""
-  if impl not in IMPLS:
-    raise ValueError(f"unknown depthwise conv impl {impl!r}; choose from {IMPLS}")
-  supported = stride == 1 and all(k % 2 for k in kernel_size)
-  if impl == "shifts" and not supported:
-    raise ValueError(f"the shifted-sum depthwise conv needs stride 1 and odd kernels, got "
-                     f"kernel {tuple(kernel_size)} stride {stride}; use impl='xla'")
-  return impl == "shifts" or (impl == "auto" and supported and jax.default_backend() == "cpu")
+def shifts_apply(kernel_size, stride: int) -> bool:
+  """The shifted sums compute stride-1 convs with odd kernels."""
+  return stride == 1 and all(k % 2 for k in kernel_size)
 
 
-def depthwise_conv(x, w, stride: int = 1, impl: str = "auto"):
+def use_shifts(kernel_size, stride: int) -> bool:
+  """Whether `depthwise_conv` takes the shifted sums: where they apply, on CPU."""
+  return shifts_apply(kernel_size, stride) and jax.default_backend() == "cpu"
+
+
+def depthwise_conv(x, w, stride: int = 1):
   """Depthwise conv of x (N, H, W, C) with a shared kernel (kh, kw, C), padding k//2."""
-  if use_shifts(w.shape[:2], stride, impl):
+  if use_shifts(w.shape[:2], stride):
     return shifted_depthwise_conv(x, w)
   return xla_depthwise_conv(x, w, stride)

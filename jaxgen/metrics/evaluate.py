@@ -167,7 +167,7 @@ class Progress:
 
 
 def feature_fns(runner: sharding.BatchRunner, nets):
-  """Per net: its jitted fn (replicated weights, batch-split images) and its replicated weights."""
+  """Per net: its jitted fn (replicated weights, batch-split images) and its weights, replicated."""
   fns = {n: jax.jit(net.fn, in_shardings=(runner.repl, runner.split), out_shardings=runner.split)
          for n, net in nets.items()}
   variables = {n: jax.device_put(net.variables, runner.repl) for n, net in nets.items()}
@@ -290,7 +290,7 @@ def eval_labels(num_samples: int, num_classes: int) -> np.ndarray:
 def generated_features(setup, nets, labels: np.ndarray, seed: int,
                        use_ema: bool = True) -> Dict[str, Dict[str, np.ndarray]]:
   """Samples for `labels` with the task's generate (config.sample's sampler) on the mesh,
-  through every net; returns host features per net. Batch i draws from fold_in(seed, i), as
+  through every net; returns host features per net. Batch i draws from `sharding.batch_rng`, as
   `jaxgen.train.loop.generate` does, so both give the same images for the same batch size."""
   runner = sharding.BatchRunner(setup.mesh, int(setup.config.sample.batch_size))
   params = setup.state.ema_params if use_ema else setup.state.params
@@ -303,8 +303,7 @@ def generated_features(setup, nets, labels: np.ndarray, seed: int,
                       f"{setup.config.sample.guidance_scale})", len(labels))
 
   def sample_and_featurize(i, batch):
-    images = gen(params, setup.state.model_state,
-                 jax.random.fold_in(jax.random.PRNGKey(seed), i), batch)
+    images = gen(params, setup.state.model_state, sharding.batch_rng(seed, i), batch)
     return {n: fns[n](variables[n], images) for n in nets}
 
   return runner.map(sample_and_featurize, labels, progress=progress.update)

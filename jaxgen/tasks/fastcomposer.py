@@ -223,9 +223,9 @@ class FastComposerTask(DiffusionTask):
     runner = sharding.BatchRunner(setup.mesh,
                                   min(int(self.config.sample.batch_size), -(-n // shards) * shards))
     jitted = jax.jit(fn)
-    return runner.map(lambda i, batch: jitted(params, state.model_state,
-                                              jax.random.fold_in(jax.random.PRNGKey(seed), i),
-                                              batch), arrays)
+    return runner.map(
+        lambda i, batch: jitted(params, state.model_state, sharding.batch_rng(seed, i), batch),
+        arrays)
 
   def generate_examples(self, setup, examples: Dict[str, np.ndarray], *, seed: int,
                         subject_start: Optional[float] = None, state=None,

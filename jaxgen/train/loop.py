@@ -339,9 +339,9 @@ def generate(setup: Setup, labels: np.ndarray, *, seed: int, use_ema: bool = Tru
   # Weights keep their (possibly FSDP) layout: None = the argument's own sharding.
   gen = jax.jit(setup.task.generate, in_shardings=(None, None, runner.repl, runner.split),
                 out_shardings=runner.split)
-  return runner.map(lambda i, batch: gen(params, state.model_state,
-                                         jax.random.fold_in(jax.random.PRNGKey(seed), i), batch),
-                    np.asarray(labels, np.int32))
+  return runner.map(
+      lambda i, batch: gen(params, state.model_state, sharding.batch_rng(seed, i), batch),
+      np.asarray(labels, np.int32))
 
 
 def class_labels(num_classes: int, per_class: int) -> np.ndarray:
