@@ -22,8 +22,6 @@ accuracy of the samples and the Frechet distance of their classifier features to
 digits. Presets: `:can`, `:adaln`, `:both`; `:smoke` (the CAN arm in seconds; the tests run it).
 """
 
-import ml_collections
-
 from configs import common
 
 ARMS = {
@@ -39,7 +37,7 @@ def get_config(arg=None):
     raise ValueError(f"unknown preset {arg!r}; presets: {sorted(ARMS)}, smoke")
   c = common.base_config()
   c.data.update(dict(source="mnist5k", image_size=14, random_flip=False, num_classes=10))
-  c.model = ml_collections.ConfigDict(dict(
+  c.model = common.model_section(dict(
       name="can_dit", depth=4, hidden_size=128, num_heads=4, patch_size=2, mlp_ratio=4.0,
       num_classes=10, learn_sigma=False, ca_rank=16, **ARMS[arm]))
   c.diffusion.update(dict(schedule="cosine", num_steps=1000, prediction="eps",

@@ -8,11 +8,21 @@ import ml_collections
 from jaxgen import sharding
 
 
+def model_section(fields: dict) -> ml_collections.ConfigDict:
+  """A diffusion config's `model` section: the model's name and fields, plus `init_from`.
+
+  init_from: "" trains from random init; a diffusers pipeline or model directory, or one
+  written by `python -m jaxgen.convert`, starts a fresh run from those weights
+  (jaxgen/train/init_from.py).
+  """
+  return ml_collections.ConfigDict(dict(fields, init_from=fields.get("init_from", "")))
+
+
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.task = "diffusion"
-  c.model = ml_collections.ConfigDict({"name": "unet"})
+  c.model = model_section({"name": "unet"})
   c.data = ml_collections.ConfigDict(dict(
       source="mnist5k", tfds_name="", tfds_data_dir="", image_size=28, random_flip=False,
       num_classes=10))

@@ -41,7 +41,7 @@ def imagenet_config(image_size: int, model: dict,
   c.autoencoder = ml_collections.ConfigDict(dict(
       dir="", random_init=False, seed=0, scaling_factor=0.0,
       model=ml_collections.ConfigDict(dict(name="dcae", variant=variant))))
-  c.model = ml_collections.ConfigDict(dict(model, num_classes=1000))
+  c.model = common.model_section(dict(model, num_classes=1000))
   c.diffusion.update(dict(schedule="linear", num_steps=1000, prediction="eps",
                           label_dropout=0.1, min_snr_gamma=0.0))
   c.optimizer.update(dict(lr=1e-4, b1=0.9, b2=0.999, weight_decay=0.0, schedule="constant",
@@ -61,7 +61,7 @@ def latent_smoke(c: ml_collections.ConfigDict, model: dict) -> ml_collections.Co
                      num_classes=10))
   c.autoencoder.update(dict(dir="", random_init=True, scaling_factor=0.0))
   c.autoencoder.model = ml_collections.ConfigDict(TINY_DCAE)
-  c.model = ml_collections.ConfigDict(dict(model, num_classes=10))
+  c.model = common.model_section(dict(model, num_classes=10))
   c.optimizer.update(dict(lr=1e-3, warmup_frac=0.0))
   c.sample.update(dict(method="dpmpp_2m", num_steps=4, guidance_scale=1.5, num_per_class=2,
                        batch_size=32))

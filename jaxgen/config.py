@@ -103,10 +103,17 @@ def _parse_like(raw: str, old, key: str):
   return value
 
 
+# Model-section keys that are no constructor argument: `init_from` (weights to start a fresh
+# run from; jaxgen/train/init_from.py).
+NON_MODEL_KEYS = ("init_from",)
+
+
 def model_kwargs(model_config: ml_collections.ConfigDict) -> dict:
-  """The model section minus its `name`: the constructor's keyword arguments."""
+  """The model section minus its `name` (and NON_MODEL_KEYS): the constructor's arguments."""
   kwargs = model_config.to_dict()
   kwargs.pop("name")
+  for key in NON_MODEL_KEYS:
+    kwargs.pop(key, None)
   return {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
 
 

@@ -47,6 +47,27 @@ def save_class_grid(path: str, images: np.ndarray, labels: np.ndarray, num_class
   save_png(path, image_grid(np.concatenate(rows), rows=num_classes), min_size=512)
 
 
+def save_labelled_grid(path: str, rows: Sequence[np.ndarray], names: Sequence[str]) -> None:
+  """A row of uint8 images per name, the name written to the left of its row."""
+  from PIL import ImageDraw  # pylint: disable=g-import-not-at-top
+  cols = max(len(r) for r in rows)
+  h, w, c = rows[0].shape[1:]
+  blank = lambda k: np.full((k, h, w, c), 255, np.uint8)
+  grid = image_grid(np.concatenate([np.concatenate([r, blank(cols - len(r))]) for r in rows]),
+                    rows=len(rows))
+  scale = max(1, 128 // h)
+  grid = grid.repeat(scale, 0).repeat(scale, 1)
+  margin = 8 + 7 * max(len(n) for n in names)
+  canvas = Image.new("RGB", (grid.shape[1] + margin, grid.shape[0]), "white")
+  canvas.paste(Image.fromarray(grid[..., 0] if c == 1 else grid).convert("RGB"), (margin, 0))
+  draw = ImageDraw.Draw(canvas)
+  row_h = grid.shape[0] / len(rows)
+  for i, name in enumerate(names):
+    draw.text((4, int((i + 0.5) * row_h) - 6), name, fill="black")
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  canvas.save(path)
+
+
 def _pyplot():
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")

@@ -144,13 +144,8 @@ def _tiny_diffusers_dit(tmp_path, same_embedders=True):
   return model
 
 
-def test_parity_with_diffusers(tmp_path):
+def _max_rel_error_vs_diffusers(ref_model, model, variables):
   import torch  # pylint: disable=g-import-not-at-top
-  from jaxgen.convert import from_diffusers  # pylint: disable=g-import-not-at-top
-  ref_model = _tiny_diffusers_dit(tmp_path)
-  model, variables = from_diffusers(str(tmp_path))
-  assert (model.depth, model.hidden_size, model.norm_eps, model.time_freq_shift) == (
-      2, 64, 1e-5, 1.0)
   x = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(1))
   t, y = torch.tensor([1, 500, 999]), torch.tensor([0, 7, 10])  # 10 = null label
   with torch.no_grad():
@@ -158,7 +153,17 @@ def test_parity_with_diffusers(tmp_path):
   out = model.apply(variables, jnp.asarray(x.numpy().transpose(0, 2, 3, 1)),
                     jnp.asarray(t.numpy()), jnp.asarray(y.numpy()))
   out = np.asarray(out).transpose(0, 3, 1, 2)
-  rel = np.abs(out - ref).max() / np.abs(ref).max()
+  return np.abs(out - ref).max() / np.abs(ref).max()
+
+
+def test_parity_with_diffusers(tmp_path):
+  from jaxgen.convert import from_diffusers  # pylint: disable=g-import-not-at-top
+  ref_model = _tiny_diffusers_dit(tmp_path)
+  model, variables = from_diffusers(str(tmp_path))
+  assert (model.depth, model.hidden_size, model.norm_eps, model.time_freq_shift) == (
+      2, 64, 1e-5, 1.0)
+  assert not model.per_block_embedders and "t_embedder" in variables["params"]
+  rel = _max_rel_error_vs_diffusers(ref_model, model, variables)
   assert rel < 1e-4, rel
 
   # The hub checkpoints' legacy class name converts the same way.
@@ -175,9 +180,6 @@ def test_parity_with_diffusers(tmp_path):
 def test_conversion_errors(tmp_path):
   from safetensors.numpy import load_file, save_file  # pylint: disable=g-import-not-at-top
   from jaxgen.convert import from_diffusers  # pylint: disable=g-import-not-at-top
-  _tiny_diffusers_dit(tmp_path, same_embedders=False)
-  with pytest.raises(WeightsError, match="per-block copies"):
-    from_diffusers(str(tmp_path))
   _tiny_diffusers_dit(tmp_path)
   path = os.path.join(tmp_path, "diffusion_pytorch_model.safetensors")
   state = load_file(path)
@@ -185,3 +187,37 @@ def test_conversion_errors(tmp_path):
   save_file(state, path)
   with pytest.raises(WeightsError, match="blocks_1/fc2/kernel"):
     from_diffusers(str(tmp_path))
+
+
+def test_parity_with_diffusers_per_block_embedders(tmp_path):
+  """A DiT whose per-block embedders differ (fine-tuned in diffusers) converts to
+  per_block_embedders=True: block i uses its own copy, the final layer block 0's."""
+  import torch  # pylint: disable=g-import-not-at-top
+  from jaxgen.convert import from_diffusers  # pylint: disable=g-import-not-at-top
+  ref_model = _tiny_diffusers_dit(tmp_path)
+  with torch.no_grad():  # Perturb block 1's copies only, as a little fine-tuning would.
+    for p in ref_model.transformer_blocks[1].norm1.emb.parameters():
+      p.add_(torch.randn_like(p) * 0.1)
+  ref_model.save_pretrained(str(tmp_path))
+  model, variables = from_diffusers(str(tmp_path))
+  params = variables["params"]
+  assert model.per_block_embedders and "t_embedder" not in params
+  assert {"t_embedder_0", "t_embedder_1", "y_embedder_0", "y_embedder_1"} <= set(params)
+  emb1 = ref_model.transformer_blocks[1].norm1.emb.class_embedder.embedding_table.weight
+  np.testing.assert_array_equal(params["y_embedder_1"]["embedding_table"]["embedding"],
+                                emb1.detach().numpy())
+  rel = _max_rel_error_vs_diffusers(ref_model, model, variables)
+  assert rel < 1e-4, rel
+  # Using block 0's embedder everywhere (the shared layout) would be visibly wrong.
+  shared = {k: v for k, v in params.items() if not k.startswith(("t_embedder", "y_embedder"))}
+  shared.update(t_embedder=params["t_embedder_0"], y_embedder=params["y_embedder_0"])
+  rel_shared = _max_rel_error_vs_diffusers(
+      ref_model, model.clone(per_block_embedders=False), {"params": shared})
+  assert rel_shared > 1e-2, rel_shared
+  # Random init of the option: one embedder per block, distinct tables.
+  x, t, y = _inputs(size=8)
+  init = dit(depth=3, hidden_size=32, num_heads=2, patch_size=2, num_classes=10,
+             per_block_embedders=True).init(jax.random.PRNGKey(0), x, t, y)["params"]
+  assert sorted(k for k in init if k.startswith(("t_embedder", "y_embedder"))) == [
+      "t_embedder_0", "t_embedder_1", "t_embedder_2", "y_embedder_0", "y_embedder_1",
+      "y_embedder_2"]

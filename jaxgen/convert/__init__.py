@@ -7,9 +7,9 @@
 (converted, training workdir, diffusers, original); both live in `jaxgen.convert.saved`.
 """
 
-import json
 import os
 
+from jaxgen.convert.common import naming_source, read_json, weights_file
 from jaxgen.errors import WeightsError
 
 # diffusers `_class_name` -> module under jaxgen.convert exposing `from_diffusers(path)`.
@@ -18,27 +18,31 @@ DIFFUSERS_CONVERTERS = {
     "AutoencoderKL": "jaxgen.convert.vae_kl",
     "DiTTransformer2DModel": "jaxgen.convert.dit",
     "Transformer2DModel": "jaxgen.convert.dit",  # The DiT hub checkpoints' legacy class name.
+    "UNet2DConditionModel": "jaxgen.convert.unet2d_condition",
 }
 
 
-def _dispatch(path: str, library: str, key: str, files: str, converters: dict):
+def _dispatch(path: str, library: str, key: str, weights_name: str, converters: dict):
   """The (module, variables) of the converter that `converters` names for config.json[key]."""
   import importlib  # pylint: disable=g-import-not-at-top
   config_path = os.path.join(path, "config.json")
-  if not os.path.isfile(config_path):
-    raise WeightsError(f"{config_path} not found: pass a {library} model directory ({files}).")
-  with open(config_path) as f:
-    name = json.load(f).get(key)
+  if not os.path.isdir(path):
+    raise WeightsError(f"{path} is not a directory: pass a {library} model directory "
+                       f"(config.json + {weights_name}).")
+  name = read_json(config_path, f"a {library} model config (with {key!r}) next to "
+                                f"{weights_name}").get(key)
   if name not in converters:
-    raise WeightsError(f"{path}: {library} {key} {name!r} has no converter; "
+    raise WeightsError(f"{config_path}: {library} {key} {name!r} has no converter; "
                        f"supported: {sorted(converters)}.")
-  return getattr(importlib.import_module(converters[name]), f"from_{library}")(path)
+  # Converters check tensors (check_complete) without knowing the file; name it for them.
+  with naming_source(weights_file(path, weights_name)):
+    return getattr(importlib.import_module(converters[name]), f"from_{library}")(path)
 
 
 def from_diffusers(path: str):
   """Returns (flax module, variables) for a diffusers-format model directory."""
-  return _dispatch(path, "diffusers", "_class_name",
-                   "config.json + diffusion_pytorch_model.safetensors", DIFFUSERS_CONVERTERS)
+  return _dispatch(path, "diffusers", "_class_name", "diffusion_pytorch_model.safetensors",
+                   DIFFUSERS_CONVERTERS)
 
 
 # transformers config `model_type` -> module under jaxgen.convert exposing
@@ -53,7 +57,7 @@ TRANSFORMERS_CONVERTERS = {
 def from_transformers(path: str):
   """Returns (flax module, variables) for a transformers-format model directory
   (config.json + model.safetensors, as `save_pretrained` writes it)."""
-  return _dispatch(path, "transformers", "model_type", "config.json + model.safetensors",
+  return _dispatch(path, "transformers", "model_type", "model.safetensors",
                    TRANSFORMERS_CONVERTERS)
 
 

@@ -1,12 +1,22 @@
 """python -m jaxgen.convert --src=DIR --dst=DIR [--name=VARIANT]
 
-Converts a diffusers model directory (config.json + diffusion_pytorch_model.safetensors, e.g.
-a hub `mit-han-lab/dc-ae-*-diffusers` snapshot or a DiT `transformer/` folder) or an original
-efficientvit DC-AE checkpoint (a DCAE_HF directory, a .safetensors or a .pt file; `--name`
-names the variant when the directory does not) into a jaxgen directory: jaxgen_model.json
-plus an orbax checkpoint of the variables. Load it with
+Converts any model source the converters read into a jaxgen directory: jaxgen_model.json
+plus an orbax checkpoint of the variables. The source's config.json picks the converter:
+
+  `_class_name`  a diffusers model directory (config.json + diffusion_pytorch_model.safetensors,
+                 e.g. a hub `mit-han-lab/dc-ae-*-diffusers` snapshot or a DiT `transformer/`
+                 folder): `jaxgen.convert.from_diffusers`
+  `model_type`   a transformers directory (config.json + model.safetensors, e.g.
+                 openai/clip-vit-large-patch14): `jaxgen.convert.from_transformers`
+  `model_name`   an original efficientvit DC-AE checkpoint (a DCAE_HF directory; also a bare
+                 .safetensors or .pt file, with `--name` naming the variant)
+
+Sharded weights (`*.safetensors.index.json` + shards) are read too. Load the result with
 `jaxgen.convert.load_converted(DST)`; `python -m jaxgen.reconstruct --checkpoint=DST` and
-`autoencoder.init_from=DST` read it too. Errors print one `error:` line and exit with 2.
+`autoencoder.init_from=DST` read converted autoencoders. Bad input (a missing, empty or
+truncated weights file, a pickle or HTML page under a .safetensors name, an invalid
+config.json, tensors that do not fit the config) prints one `error:` line naming the file
+and exits with 2.
 """
 
 import sys

@@ -16,7 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxgen.convert.common import check_complete, conv_kernel, dense_kernel, read_model_dir, unflatten
+from jaxgen.convert.common import (check_complete, conv_kernel, convert_model_dir, dense_kernel,
+                                   unflatten)
 from jaxgen.errors import WeightsError
 from jaxgen.models.clip import CLIPModel, clip
 
@@ -46,8 +47,7 @@ _NORMS = ("layer_norm1", "layer_norm2", "final_layer_norm", "pre_layrnorm", "pos
 
 def from_transformers(path: str):
   """(CLIPModel, {"params": ...}) from a transformers CLIP directory."""
-  config, state = read_model_dir(path, WEIGHTS_NAME)
-  return convert_state(config, state)
+  return convert_model_dir(path, WEIGHTS_NAME, convert_state)
 
 
 def module_from_config(config: Mapping, state_keys=()) -> CLIPModel:

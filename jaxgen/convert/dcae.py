@@ -13,7 +13,6 @@ statistics go to `batch_stats`; every missing, unexpected or mis-shaped tensor i
 """
 
 import dataclasses
-import json
 import logging
 import os
 import re
@@ -23,7 +22,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxgen.convert.common import check_complete, conv_kernel, read_model_dir, unflatten
+from jaxgen.convert.common import (check_complete, conv_kernel, convert_model_dir,
+                                   describe_exception, naming_source, read_json,
+                                   read_safetensors, unflatten)
 from jaxgen.errors import WeightsError
 from jaxgen.models.dcae import DCAE, canonical_variant, dcae, dcae_config
 
@@ -34,8 +35,7 @@ _BN_STATS = {"running_mean": "mean", "running_var": "var"}
 
 def from_diffusers(path: str):
   """(DCAE, variables) from a diffusers AutoencoderDC directory."""
-  config, state = read_model_dir(path, WEIGHTS_NAME)
-  return convert_diffusers_state(config, state)
+  return convert_model_dir(path, WEIGHTS_NAME, convert_diffusers_state)
 
 
 def module_from_config(config: Mapping) -> DCAE:
@@ -161,49 +161,53 @@ def from_original(path: str, name: Optional[str] = None, config: Optional[Mappin
   `config` (AutoencoderDC keys) if given, else from the variant `name` (e.g.
   "dc-ae-f32c32-in-1.0"), else from the directory's config.json.
   """
-  state, found_name = _read_original(path)
+  state, found_name, weights_path = _read_original(path)
   if config is None:
     name = name or found_name
     if name is None:
       raise WeightsError(f"{path}: which DC-AE is this? pass name= (one of dc-ae-f32c32-in-1.0, "
                          "...-mix-1.0, dc-ae-f64c128-*, dc-ae-f128c512-*, dc-ae-f32c32-sana-1.0).")
     config = dcae_config(canonical_variant(name))
-  return convert_diffusers_state(config, original_to_diffusers(state, config))
+  with naming_source(weights_path):
+    return convert_diffusers_state(config, original_to_diffusers(state, config))
 
 
-def _read_original(path: str) -> Tuple[Dict[str, np.ndarray], Optional[str]]:
+def _read_original(path: str) -> Tuple[Dict[str, np.ndarray], Optional[str], str]:
+  """(state dict, config.json's model_name or None, the weights file read)."""
   name = None
   if os.path.isdir(path):
     config_path = os.path.join(path, "config.json")
-    if os.path.isfile(config_path):
-      with open(config_path) as f:
-        name = json.load(f).get("model_name")
+    if os.path.lexists(config_path):
+      name = read_json(config_path, 'an efficientvit DC-AE config ({"model_name": ...})').get(
+          "model_name")
     candidates = [os.path.join(path, f) for f in ("model.safetensors", "model.pt", "model.pth")]
-    found = [c for c in candidates if os.path.isfile(c)]
+    # lexists: a broken hub-cache link is reported by the reader, not skipped.
+    found = [c for c in candidates if os.path.lexists(c)] or [
+        c for c in candidates[:1] if os.path.isfile(c + ".index.json")]  # Sharded.
     if not found:
       raise WeightsError(f"{path} holds none of model.safetensors / model.pt / model.pth "
-                         f"(it holds {sorted(os.listdir(path))}).")
+                         f"(it holds {sorted(os.listdir(path))[:20]}).")
     path = found[0]
-  if not os.path.isfile(path):
-    raise WeightsError(f"{path} not found")
   if path.endswith(".safetensors"):
-    from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
-    state = load_file(path)
+    state = read_safetensors(path)
   elif path.endswith((".pt", ".pth", ".ckpt")):
+    if not os.path.isfile(path):
+      raise WeightsError(f"{path} not found")
     import torch  # pylint: disable=g-import-not-at-top
     try:
       # weights_only: tensors and plain containers only, no code runs while loading.
       state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pylint: disable=broad-except
-      raise WeightsError(f"{path}: not loadable with torch.load(weights_only=True) ({e}); "
-                         "only tensor checkpoints are read.") from None
+      raise WeightsError(f"{path}: not loadable with torch.load(weights_only=True) "
+                         f"({describe_exception(e)}); expected a tensor checkpoint "
+                         "(truncated by an interrupted download?).") from None
     for wrapper in ("model", "module", "state_dict"):
       if isinstance(state, dict) and wrapper in state and isinstance(state[wrapper], dict):
         state = state[wrapper]
     state = {k: v.float().numpy() for k, v in state.items() if hasattr(v, "numpy")}
   else:
     raise WeightsError(f"{path}: expected .safetensors, .pt or .pth")
-  return state, name
+  return state, name, path
 
 
 # Original efficientvit sub-path (after dropping "main." / "op_list.") -> diffusers sub-path,

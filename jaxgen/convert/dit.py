@@ -4,7 +4,9 @@
 (the hub's `transformer/` folder; its older `_class_name` "Transformer2DModel" with
 `norm_type="ada_norm_zero"` is the same model); `model.apply(variables, x, t, y)` takes NHWC
 latents. diffusers keeps a copy of the timestep and class embedders in every block
-(`transformer_blocks.{i}.norm1.emb`); they must all be equal and one copy is used. Its
+(`transformer_blocks.{i}.norm1.emb`): when all copies are equal (the hub checkpoints) one shared
+embedder holds them; when any differ (a DiT fine-tuned in diffusers) the model gets
+`per_block_embedders=True` and block i's copy becomes `t_embedder_{i}` / `y_embedder_{i}`. Its
 timestep features use frequency shift 1 and its pre-FFN norm `norm_eps` (1e-5 by default); both
 become `DiT` fields. The sin-cos position table is recomputed, not read.
 """
@@ -33,7 +35,7 @@ _BLOCK_DENSE = {
     "ff.net.2": "fc2",
 }
 _TOP_DENSE = {"proj_out_1": "final_layer/adaLN_modulation", "proj_out_2": "final_layer/linear"}
-_EMBEDDERS = {  # per-block copies -> the one jaxgen embedder
+_EMBEDDERS = {  # per-block copies -> the jaxgen embedder (suffixed _{i} when per block)
     "norm1.emb.timestep_embedder.linear_1": "t_embedder/linear_1",
     "norm1.emb.timestep_embedder.linear_2": "t_embedder/linear_2",
     "norm1.emb.class_embedder.embedding_table": "y_embedder/embedding_table",
@@ -46,7 +48,7 @@ def from_diffusers(path: str):
   return convert_diffusers_state(config, state)
 
 
-def module_from_config(config: Mapping) -> DiT:
+def module_from_config(config: Mapping, per_block_embedders: bool = False) -> DiT:
   """The `DiT` that a DiTTransformer2DModel config describes (diffusers defaults filled in)."""
   get = lambda k, default: config.get(k, default) if config.get(k) is not None else default
   checks = {
@@ -66,7 +68,8 @@ def module_from_config(config: Mapping) -> DiT:
       patch_size=patch, num_classes=get("num_embeds_ada_norm", 1000),
       out_channels=get("out_channels", in_channels), learn_sigma=False,
       norm_eps=float(get("norm_eps", 1e-5)), time_freq_shift=1.0,
-      pos_embed_base_size=get("sample_size", 32) // patch)
+      pos_embed_base_size=get("sample_size", 32) // patch,
+      per_block_embedders=per_block_embedders)
 
 
 def abstract_variables(model: DiT, in_channels: int, sample_size: int) -> Dict:
@@ -85,7 +88,6 @@ def _layout(name: str, value: np.ndarray) -> Dict[str, np.ndarray]:
 
 def convert_diffusers_state(config: Mapping, state: Mapping[str, np.ndarray]):
   """(DiT, {"params": ...}) from a diffusers config dict and state dict {name: array}."""
-  model = module_from_config(config)
   flat: Dict[str, np.ndarray] = {}
   embedder_copies: Dict[str, Dict[int, np.ndarray]] = {}
   unused = []
@@ -113,17 +115,20 @@ def convert_diffusers_state(config: Mapping, state: Mapping[str, np.ndarray]):
       flat.update({f"params/{target}/{k}": v for k, v in _layout(target, value).items()})
     else:
       unused.append(key)
+  # One shared embedder when every block holds the same copy; otherwise one per block.
+  per_block = any(not np.array_equal(v, copies[min(copies)])
+                  for copies in embedder_copies.values() for v in copies.values())
   for name, copies in embedder_copies.items():
     target, leaf = name.split(":")
-    first = copies[min(copies)]
-    differing = [i for i, v in sorted(copies.items()) if not np.array_equal(v, first)]
-    if differing:
-      raise WeightsError(f"the per-block copies of {target} ({leaf}) differ in blocks "
-                         f"{differing}; jaxgen's DiT shares one embedder across blocks.")
-    if leaf == "bias":
-      flat[f"params/{target}/bias"] = first
-    else:
-      flat.update({f"params/{target}/{k}": v for k, v in _layout(target, first).items()})
+    chosen = copies.items() if per_block else [(None, copies[min(copies)])]
+    for i, value in chosen:
+      module, _, sub = target.partition("/")
+      path = f"params/{module if i is None else f'{module}_{i}'}/{sub}"
+      if leaf == "bias":
+        flat[f"{path}/bias"] = value
+      else:
+        flat.update({f"{path}/{k}": v for k, v in _layout(target, value).items()})
+  model = module_from_config(config, per_block_embedders=per_block)
   variables = unflatten(flat)
   in_channels = int(config.get("in_channels") or 4)
   check_complete(variables, abstract_variables(model, in_channels, model.patch_size), unused)

@@ -7,10 +7,11 @@ A converted directory (written by `python -m jaxgen.convert`) holds
                        "num_params": ..., plus the source config's scaling_factor when present}
   variables/          an orbax (StandardSave) checkpoint of the variables dict
 
-`load_converted(dir) -> (module, variables)` rebuilds the module from its fields (tuples and
-dtypes restored) and reads the variables. `load_autoencoder(path)` accepts a converted
-directory, a jaxgen training workdir (task "autoencoder"), a diffusers model directory or
-an original efficientvit DC-AE checkpoint.
+`load_converted(dir) -> (module, variables)` rebuilds the module from its fields (tuples,
+dtypes and submodule fields such as CLIPModel's towers restored) and reads the variables.
+`convert_any(path)` converts any source the converters read (dispatching on config.json);
+`load_autoencoder(path)` accepts a converted directory, a jaxgen training workdir (task
+"autoencoder"), a diffusers model directory or an original efficientvit DC-AE checkpoint.
 """
 
 import dataclasses
@@ -19,10 +20,12 @@ import json
 import os
 from typing import Any, Dict, Optional, Tuple
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxgen.convert.common import describe_exception, read_json
 from jaxgen.errors import CheckpointError, WeightsError
 
 FORMAT = "jaxgen-converted"
@@ -32,7 +35,12 @@ VARIABLES_DIR = "variables"
 
 
 def _encode(value: Any):
-  """A module field -> JSON (dtypes become {"dtype": name})."""
+  """A module field -> JSON (dtypes become {"dtype": name}; a submodule field, as CLIPModel's
+  towers, {"module": "pkg.mod.Class", "fields": {...}})."""
+  if isinstance(value, nn.Module):
+    cls = type(value)
+    return {"module": f"{cls.__module__}.{cls.__qualname__}",
+            "fields": {k: _encode(v) for k, v in module_fields(value).items()}}
   if isinstance(value, (tuple, list)):
     return [_encode(v) for v in value]
   if value is None or isinstance(value, (bool, int, float, str)):
@@ -43,12 +51,27 @@ def _encode(value: Any):
     raise WeightsError(f"cannot store module field value {value!r} in {META_NAME}") from None
 
 
-def _decode(value: Any):
+def _decode(value: Any, meta_path: str):
   if isinstance(value, list):
-    return tuple(_decode(v) for v in value)
+    return tuple(_decode(v, meta_path) for v in value)
   if isinstance(value, dict) and set(value) == {"dtype"}:
     return jnp.dtype(value["dtype"])
+  if isinstance(value, dict) and set(value) == {"module", "fields"}:
+    return _build_module(value, meta_path)
   return value
+
+
+def _build_module(spec: Dict[str, Any], meta_path: str):
+  """The jaxgen module {"module": "pkg.mod.Class", "fields": {...}} describes."""
+  module_path, _, cls_name = str(spec["module"]).rpartition(".")
+  if not module_path.startswith("jaxgen."):
+    raise CheckpointError(f"{meta_path}: module {spec['module']!r} is not a jaxgen module")
+  try:
+    cls = getattr(importlib.import_module(module_path), cls_name)
+  except (ImportError, AttributeError):
+    raise CheckpointError(f"{meta_path}: module {spec['module']!r} does not exist in this "
+                          "jaxgen version; convert the source again") from None
+  return cls(**{k: _decode(v, meta_path) for k, v in spec["fields"].items()})
 
 
 def module_fields(module) -> Dict[str, Any]:
@@ -92,22 +115,18 @@ def load_converted(path: str) -> Tuple[Any, Dict]:
   if not os.path.isfile(meta_path):
     raise CheckpointError(f"{path} is not a converted jaxgen model ({META_NAME} missing); "
                           "write one with python -m jaxgen.convert --src=... --dst=...")
-  with open(meta_path) as f:
-    meta = json.load(f)
+  meta = read_json(meta_path, "the converted model's description (python -m jaxgen.convert "
+                              "writes it)", CheckpointError)
   if meta.get("format") != FORMAT or meta.get("version") != VERSION:
     raise CheckpointError(f"{meta_path}: format {meta.get('format')!r} version "
                           f"{meta.get('version')!r}; expected {FORMAT!r} version {VERSION}")
-  module_path, _, cls_name = meta["module"].rpartition(".")
-  if not module_path.startswith("jaxgen."):
-    raise CheckpointError(f"{meta_path}: module {meta['module']!r} is not a jaxgen module")
-  cls = getattr(importlib.import_module(module_path), cls_name)
-  module = cls(**{k: _decode(v) for k, v in meta["fields"].items()})
+  module = _build_module(meta, meta_path)
   try:
     variables = ocp.StandardCheckpointer().restore(
         os.path.abspath(os.path.join(path, VARIABLES_DIR)))
   except Exception as e:  # pylint: disable=broad-except
-    raise CheckpointError(f"{path}/{VARIABLES_DIR} is unreadable ({type(e).__name__}: "
-                          f"{str(e)[:300]})") from None
+    raise CheckpointError(f"{path}/{VARIABLES_DIR} is unreadable ({describe_exception(e)})"
+                          ) from None
   return module, jax.tree.map(jnp.asarray, dict(variables))
 
 
@@ -130,22 +149,47 @@ def load_autoencoder(path: str, use_ema: Optional[bool] = None) -> Tuple[Any, Di
 
 
 def convert_any(path: str, name: Optional[str] = None):
-  """(module, variables, description) from a diffusers directory or an original checkpoint."""
-  config_path = os.path.join(path, "config.json") if os.path.isdir(path) else ""
+  """(module, variables, description) from any source directory or file a converter reads.
+
+  A directory's config.json picks the converter: `_class_name` -> diffusers
+  (`jaxgen.convert.from_diffusers`), `model_type` -> transformers (`from_transformers`),
+  `model_name` (or no config.json, or a file) -> the original efficientvit DC-AE layout, whose
+  variant `name` gives when nothing else does.
+  """
+  if not os.path.exists(path):
+    what = f"is a broken link to {os.readlink(path)}" if os.path.islink(path) else "does not exist"
+    raise WeightsError(f"{path} {what}; expected a diffusers or transformers model "
+                       "directory (config.json + safetensors weights) or a DC-AE checkpoint")
+  config_path = os.path.join(path, "config.json")
   config = {}
-  if config_path and os.path.isfile(config_path):
-    with open(config_path) as f:
-      config = json.load(f)
+  if os.path.isdir(path) and os.path.lexists(config_path):
+    config = read_json(config_path, "a model config: diffusers (_class_name), transformers "
+                                    "(model_type) or efficientvit DC-AE (model_name)")
+  elif os.path.isdir(path) and os.path.isfile(os.path.join(path, "model_index.json")):
+    parts = sorted(d for d in os.listdir(path)
+                   if os.path.isfile(os.path.join(path, d, "config.json")))
+    raise WeightsError(f"{path} is a diffusers pipeline (model_index.json); convert one of its "
+                       f"models: {[os.path.join(path, d) for d in parts]}")
   if config.get("_class_name"):
     from jaxgen.convert import from_diffusers  # pylint: disable=g-import-not-at-top
     module, variables = from_diffusers(path)
     return module, variables, f"diffusers {config['_class_name']}"
+  if config.get("model_type"):
+    from jaxgen.convert import from_transformers  # pylint: disable=g-import-not-at-top
+    module, variables = from_transformers(path)
+    return module, variables, f"transformers {config['model_type']}"
+  if os.path.isdir(path) and not config.get("model_name") and not name:
+    if config:
+      raise WeightsError(f"{config_path} names no model: it has none of _class_name (diffusers), "
+                         "model_type (transformers), model_name (efficientvit DC-AE); for an "
+                         "original DC-AE checkpoint pass --name=VARIANT (e.g. dc-ae-f32c32-in-1.0)")
+    if is_converted(path):
+      raise WeightsError(f"{path} is already a converted jaxgen directory; load it with "
+                         "jaxgen.convert.load_converted")
+    raise WeightsError(f"{config_path} not found ({path} holds {sorted(os.listdir(path))[:20]}); "
+                       "expected a diffusers or transformers model directory (config.json + "
+                       "safetensors weights: download config.json again) or, for an original "
+                       "efficientvit DC-AE checkpoint, --name=VARIANT (e.g. dc-ae-f32c32-in-1.0)")
   from jaxgen.convert import dcae  # pylint: disable=g-import-not-at-top
-  if os.path.isfile(path) or config.get("model_name") or any(
-      os.path.isfile(os.path.join(path, f))
-      for f in ("model.safetensors", "model.pt", "model.pth")):
-    module, variables = dcae.from_original(path, name=name)
-    return module, variables, "original efficientvit DC-AE"
-  raise WeightsError(f"{path}: not a diffusers model directory (config.json with _class_name), "
-                     "an efficientvit DC-AE checkpoint, a converted jaxgen directory or a "
-                     "training workdir")
+  module, variables = dcae.from_original(path, name=name)
+  return module, variables, "original efficientvit DC-AE"

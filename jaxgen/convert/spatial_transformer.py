@@ -17,7 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxgen.convert.common import check_complete, conv_kernel, dense_kernel, read_model_dir, unflatten
+from jaxgen.convert.common import (check_complete, conv_kernel, convert_model_dir, dense_kernel,
+                                   unflatten)
 from jaxgen.errors import WeightsError
 from jaxgen.nn.transformer import SpatialTransformer
 
@@ -32,7 +33,6 @@ def module_from_config(config: Mapping) -> SpatialTransformer:
       "norm_type": (get("norm_type", "layer_norm"), "layer_norm"),
       "activation_fn": (get("activation_fn", "geglu"), "geglu"),
       "attention_bias": (get("attention_bias", False), False),
-      "only_cross_attention": (get("only_cross_attention", False), False),
       "double_self_attention": (get("double_self_attention", False), False),
       "norm_elementwise_affine": (get("norm_elementwise_affine", True), True),
       "patch_size": (get("patch_size", None), None),
@@ -47,7 +47,8 @@ def module_from_config(config: Mapping) -> SpatialTransformer:
       num_heads=get("num_attention_heads", 16), head_dim=get("attention_head_dim", 88),
       depth=get("num_layers", 1), num_groups=get("norm_num_groups", 32),
       use_linear_projection=bool(get("use_linear_projection", False)),
-      norm_eps=float(get("norm_eps", 1e-5)))
+      norm_eps=float(get("norm_eps", 1e-5)),
+      only_cross_attention=bool(get("only_cross_attention", False)))
 
 
 def _target(module: str) -> str:
@@ -94,5 +95,4 @@ def convert_diffusers_state(config: Mapping, state: Mapping[str, np.ndarray]):
 
 def from_diffusers(path: str):
   """(SpatialTransformer, variables) from a Transformer2DModel directory."""
-  config, state = read_model_dir(path, WEIGHTS_NAME)
-  return convert_diffusers_state(config, state)
+  return convert_model_dir(path, WEIGHTS_NAME, convert_diffusers_state)

@@ -16,7 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxgen.convert.common import check_complete, conv_kernel, dense_kernel, read_model_dir, unflatten
+from jaxgen.convert.common import (check_complete, conv_kernel, convert_model_dir, dense_kernel,
+                                   unflatten)
 from jaxgen.models.vae_kl import AutoencoderKL, vae_kl
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
@@ -31,8 +32,7 @@ _RESNET_PARTS = ("norm1", "conv1", "norm2", "conv2", "conv_shortcut")
 
 def from_diffusers(path: str):
   """(AutoencoderKL, {"params": ...}) from a diffusers AutoencoderKL directory."""
-  config, state = read_model_dir(path, WEIGHTS_NAME)
-  return convert_diffusers_state(config, state)
+  return convert_model_dir(path, WEIGHTS_NAME, convert_diffusers_state)
 
 
 def module_from_config(config: Mapping) -> AutoencoderKL:

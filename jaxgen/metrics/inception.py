@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxgen.convert.common import describe_exception, read_safetensors
 from jaxgen.errors import ConfigError, WeightsError, cli
 
 FID_WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
@@ -236,8 +237,7 @@ def read_state_dict(path: str) -> Dict[str, np.ndarray]:
   if not path or not os.path.isfile(path):
     raise WeightsError(missing_weights_message(path))
   if path.endswith(".safetensors"):
-    from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
-    return dict(load_file(path))
+    return read_safetensors(path)
   try:
     import torch  # pylint: disable=g-import-not-at-top
   except ImportError:
@@ -248,8 +248,8 @@ def read_state_dict(path: str) -> Dict[str, np.ndarray]:
     # weights_only: tensors and containers only; a pickle that would run code is refused.
     state = torch.load(path, map_location="cpu", weights_only=True)
   except Exception as e:  # pylint: disable=broad-except
-    raise WeightsError(f"{path}: not a readable PyTorch state dict ({type(e).__name__}: "
-                       f"{str(e)[:200]}); expected pytorch-fid's {FID_WEIGHTS_URL}") from None
+    raise WeightsError(f"{path}: not a readable PyTorch state dict ({describe_exception(e, 200)}"
+                       f"); expected pytorch-fid's {FID_WEIGHTS_URL}") from None
   if not isinstance(state, dict):
     raise WeightsError(f"{path}: holds a {type(state).__name__}, not a state dict")
   return {k: v.detach().cpu().numpy() for k, v in state.items()}

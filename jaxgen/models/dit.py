@@ -15,7 +15,12 @@ scale and bias, and the condition enters through the condition-aware layers only
 
 Weight compatibility with diffusers' `DiTTransformer2DModel` (jaxgen.convert.dit): diffusers
 embeds the timestep with frequency shift 1 (`time_freq_shift`) and uses `norm_eps` (1e-5 by
-default) for the pre-FFN norm; DiT uses 0 and 1e-6. Both are fields here.
+default) for the pre-FFN norm; DiT uses 0 and 1e-6. Both are fields here. diffusers also keeps a
+timestep + class embedder in every block (`AdaLayerNormZero.emb`); in the hub checkpoints the
+copies are equal and one shared embedder holds them, but a DiT fine-tuned in diffusers may have
+them differ: `per_block_embedders=True` gives block i its own `t_embedder_{i}` / `y_embedder_{i}`
+(block i's condition is its own embedding of t and y), and everything outside the blocks (the
+final layer; the CA patch embedding) uses block 0's, as diffusers' final layer does.
 
 Cross-attention (LDM / PixArt style): with `context_dim` set, every block gets a pre-LN
 cross-attention to context tokens (`norm_cross`, `cross_attn`; not adaLN-modulated, output
@@ -159,6 +164,7 @@ class DiT(nn.Module):
   norm_eps: float = 1e-6
   time_freq_shift: float = 0.0
   pos_embed_base_size: Optional[int] = None
+  per_block_embedders: bool = False  # diffusers' per-block conditioning (see the docstring).
   # CAN-DiT options.
   adaln: bool = True
   ca_patch_embed: bool = False
@@ -202,11 +208,20 @@ class DiT(nn.Module):
                         f"{h}x{w}. Change the latent size or model.patch_size.")
     out_channels = self.out_channels or cin * (2 if self.learn_sigma else 1)
 
-    # Condition: timestep + class embedding, (B, d).
-    c = TimestepEmbedder(d, freq_shift=self.time_freq_shift, dtype=self.dtype,
-                         name="t_embedder")(t)
-    if self.label_conditioning == "add":
-      c = c + LabelEmbedder(self.num_classes, d, dtype=self.dtype, name="y_embedder")(y)
+    # Condition: timestep + class embedding, (B, d); one per block with per_block_embedders.
+    def condition(suffix: str = ""):
+      c = TimestepEmbedder(d, freq_shift=self.time_freq_shift, dtype=self.dtype,
+                           name="t_embedder" + suffix)(t)
+      if self.label_conditioning == "add":
+        c = c + LabelEmbedder(self.num_classes, d, dtype=self.dtype, name="y_embedder" + suffix)(y)
+      return c
+
+    if self.per_block_embedders:
+      block_conds = [condition(f"_{i}") for i in range(self.depth)]
+      c = block_conds[0] if block_conds else condition("_0")
+    else:
+      c = condition()
+      block_conds = [c] * self.depth
     context = self._context(y, context)
 
     # Patchify: p x p conv, stride p, then tokens (B, N, d) + fixed position table.
@@ -224,7 +239,7 @@ class DiT(nn.Module):
     for i in range(self.depth):
       tokens = DiTBlock(d, self.num_heads, self.mlp_ratio, self.norm_eps, self.adaln,
                         self.ca_attn_out, self.ca_ffn, self.ca_rank, self.dtype,
-                        name=f"blocks_{i}")(tokens, c, context, (gh, gw))
+                        name=f"blocks_{i}")(tokens, block_conds[i], context, (gh, gw))
     out = FinalLayer(d, p * p * out_channels, self.adaln, self.dtype, name="final_layer")(
         tokens, c)
 

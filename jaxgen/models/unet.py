@@ -18,6 +18,7 @@ from typing import Optional, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
+import numpy as np
 
 from jaxgen.errors import ConfigError
 from jaxgen.nn.attention import Attention
@@ -44,23 +45,63 @@ def pixel_shuffle(x, r: int):
   return x.reshape(b, h * r, w * r, c // (r * r))
 
 
+def upsample_nearest(x, size: Optional[Sequence[int]] = None):
+  """Nearest-neighbour resize of NHWC `x` to `size` (H, W), default twice its size.
+
+  Picks source index floor(i * in / out) in float32, as torch's `F.interpolate(mode="nearest")`
+  does, so odd sizes (diffusers' `upsample_size` for inputs not divisible by the U-Net's
+  factor) match it; twice the size is a plain repeat.
+  """
+  size = tuple(size) if size is not None else (2 * x.shape[1], 2 * x.shape[2])
+  for axis, out in ((1, size[0]), (2, size[1])):
+    n = x.shape[axis]
+    if out == 2 * n:
+      x = jnp.repeat(x, 2, axis=axis)
+    elif out != n:
+      scale = np.float32(n) / np.float32(out)
+      index = np.minimum(np.floor(np.arange(out, dtype=np.float32) * scale), n - 1)
+      x = jnp.take(x, index.astype(np.int32), axis=axis)
+  return x
+
+
+TIME_EMBEDDING_NORMS = ("scale_shift", "default")
+
+
 class ResBlock(nn.Module):
-  """GroupNorm-SiLU-conv twice, the condition scaling and shifting in between, plus a shortcut."""
+  """GroupNorm-SiLU-conv twice, the condition injected in between, plus a shortcut.
+
+  diffusers' `ResnetBlock2D` with a time embedding: `time_embedding_norm` "scale_shift" (the
+  default here) modulates the normalised features, "default" adds the projected embedding
+  before norm2 (Stable Diffusion's `resnet_time_scale_shift="default"`); the output is
+  (x + h) / output_scale_factor. Names: emb_proj = diffusers' time_emb_proj, skip =
+  conv_shortcut.
+  """
   channels: int
   num_groups: int = 32
   dropout: float = 0.0
   dtype: jnp.dtype = jnp.float32
+  time_embedding_norm: str = "scale_shift"
+  norm_eps: float = 1e-6  # flax's GroupNorm default; diffusers U-Nets pass norm_eps (1e-5).
+  output_scale_factor: float = 1.0
 
   @nn.compact
   def __call__(self, x, emb, train: bool):
+    if self.time_embedding_norm not in TIME_EMBEDDING_NORMS:
+      raise ConfigError(f"ResBlock time_embedding_norm {self.time_embedding_norm!r} unknown; "
+                        f"use one of {TIME_EMBEDDING_NORMS}")
+    norm = lambda name: nn.GroupNorm(self.num_groups, epsilon=self.norm_eps, name=name)
     conv = lambda name: nn.Conv(self.channels, (3, 3), dtype=self.dtype, name=name)
-    h = conv("conv1")(nn.silu(nn.GroupNorm(self.num_groups, name="norm1")(x)))
-    # Scale-shift conditioning (adaGN, Dhariwal & Nichol): the condition modulates the
-    # normalised features, which conditions more strongly than adding a bias.
-    scale, shift = jnp.split(
-        nn.Dense(2 * self.channels, dtype=self.dtype, name="emb_proj")(nn.silu(emb))[:, None, None],
-        2, axis=-1)
-    h = nn.GroupNorm(self.num_groups, name="norm2")(h) * (1 + scale) + shift
+    h = conv("conv1")(nn.silu(norm("norm1")(x)))
+    shift_scale = self.time_embedding_norm == "scale_shift"
+    emb = nn.Dense((2 if shift_scale else 1) * self.channels, dtype=self.dtype,
+                   name="emb_proj")(nn.silu(emb))[:, None, None]
+    if shift_scale:
+      # Scale-shift conditioning (adaGN, Dhariwal & Nichol): the condition modulates the
+      # normalised features, which conditions more strongly than adding a bias.
+      scale, shift = jnp.split(emb, 2, axis=-1)
+      h = norm("norm2")(h) * (1 + scale) + shift
+    else:
+      h = norm("norm2")(h + emb)
     h = nn.silu(h)
     h = nn.Dropout(self.dropout, deterministic=not train)(h)
     # Zero-init the last conv so every block starts as the identity (stable early training).
@@ -68,7 +109,8 @@ class ResBlock(nn.Module):
                 name="conv2")(h)
     if x.shape[-1] != self.channels:
       x = nn.Conv(self.channels, (1, 1), dtype=self.dtype, name="skip")(x)
-    return x + h
+    out = x + h
+    return out if self.output_scale_factor == 1 else out / self.output_scale_factor
 
 
 class AttentionBlock(nn.Module):
@@ -186,9 +228,8 @@ class UNet(nn.Module):
         if level in self.attention_levels:
           h = attn(f"up_{level}_attn_{i}")(h)
       if level > 0:
-        b, hh, ww, c = h.shape
-        h = jnp.repeat(jnp.repeat(h, 2, axis=1), 2, axis=2)  # Nearest-neighbour x2.
-        h = nn.Conv(c, (3, 3), dtype=self.dtype, name=f"up_{level}_upsample")(h)
+        h = nn.Conv(h.shape[-1], (3, 3), dtype=self.dtype, name=f"up_{level}_upsample")(
+            upsample_nearest(h))
 
     h = nn.silu(nn.GroupNorm(self.num_groups, name="norm_out")(h))
     out = nn.Conv((self.out_channels or x.shape[-1]) * self.patch_size**2, (3, 3),

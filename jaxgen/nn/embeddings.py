@@ -1,6 +1,7 @@
 """Timestep and label embeddings shared by the diffusion backbones."""
 
 import math
+from typing import Optional
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -27,17 +28,22 @@ class TimestepEmbedder(nn.Module):
   """Sinusoidal features -> Linear -> SiLU -> Linear (DiT, U-Net, CaT).
 
   `freq_shift=1` gives diffusers' DiT embedding (CombinedTimestepLabelEmbeddings uses
-  downscale_freq_shift=1); facebookresearch/DiT uses 0.
+  downscale_freq_shift=1); facebookresearch/DiT uses 0. With `flip_sin_to_cos` and
+  `freq_shift` from a UNet2DConditionModel config and frequency_dim = block_out_channels[0]
+  it is diffusers' `Timesteps` + `TimestepEmbedding` (linear_1, SiLU, linear_2).
   """
   dim: int
   frequency_dim: int = 256
   dtype: jnp.dtype = jnp.float32
   freq_shift: float = 0.0
+  flip_sin_to_cos: bool = True  # [cos, sin]; False gives [sin, cos].
+  hidden_dim: Optional[int] = None  # Width of linear_1; None: dim (U-ViT's time MLP uses 4 dim).
 
   @nn.compact
   def __call__(self, t):
-    h = sinusoidal_embedding(t, self.frequency_dim, freq_shift=self.freq_shift)
-    h = nn.Dense(self.dim, dtype=self.dtype, name="linear_1")(h)
+    h = sinusoidal_embedding(t, self.frequency_dim, flip_sin_to_cos=self.flip_sin_to_cos,
+                             freq_shift=self.freq_shift)
+    h = nn.Dense(self.hidden_dim or self.dim, dtype=self.dtype, name="linear_1")(h)
     return nn.Dense(self.dim, dtype=self.dtype, name="linear_2")(nn.silu(h))
 
 

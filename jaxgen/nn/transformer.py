@@ -76,6 +76,7 @@ class BasicTransformerBlock(nn.Module):
   """Pre-LN self-attention, cross-attention to `context` (skipped when None), GEGLU FFN.
 
   `spatial_shape` (h, w) of the H*W tokens only shapes the recorded cross-attention maps.
+  `only_cross_attention` (diffusers' flag): attn1 attends to `context` too, not to x.
   """
   dim: int
   num_heads: int
@@ -83,13 +84,14 @@ class BasicTransformerBlock(nn.Module):
   ff_mult: int = 4
   norm_eps: float = 1e-5
   dtype: jnp.dtype = jnp.float32
+  only_cross_attention: bool = False
 
   @nn.compact
   def __call__(self, x, context=None, spatial_shape: Optional[Sequence[int]] = None):
     attn = lambda name: Attention(self.dim, self.num_heads, self.head_dim, qkv_bias=False,
                                   dtype=self.dtype, name=name)
     norm = lambda name: nn.LayerNorm(self.norm_eps, dtype=self.dtype, name=name)
-    x = x + attn("attn1")(norm("norm1")(x))
+    x = x + attn("attn1")(norm("norm1")(x), context if self.only_cross_attention else None)
     if context is not None:
       x = x + cross_attend(self, attn("attn2"), norm("norm2")(x), context,
                            spatial_shape or (x.shape[1],))
@@ -109,6 +111,7 @@ class SpatialTransformer(nn.Module):
   use_linear_projection: bool = False  # SD 2.x: Linear proj_in / proj_out instead of 1x1 convs.
   norm_eps: float = 1e-5
   dtype: jnp.dtype = jnp.float32
+  only_cross_attention: bool = False  # See BasicTransformerBlock.
 
   @nn.compact
   def __call__(self, x, context=None):
@@ -121,7 +124,7 @@ class SpatialTransformer(nn.Module):
     hs = proj(inner, "proj_in")(hs).reshape(b, h * w, inner)
     for i in range(self.depth):
       hs = BasicTransformerBlock(inner, self.num_heads, self.head_dim, norm_eps=self.norm_eps,
-                                 dtype=self.dtype, name=f"transformer_blocks_{i}")(
-                                     hs, context, (h, w))
+                                 dtype=self.dtype, only_cross_attention=self.only_cross_attention,
+                                 name=f"transformer_blocks_{i}")(hs, context, (h, w))
     out = proj(c, "proj_out", kernel_init=nn.initializers.zeros)(hs.reshape(b, h, w, inner))
     return x + out.astype(x.dtype)

@@ -19,7 +19,6 @@ unknown token (`<|endoftext|>`), as in transformers; the released CLIP vocabular
 """
 
 import functools
-import json
 import os
 import re
 import unicodedata
@@ -27,6 +26,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from jaxgen.convert.common import read_json
 from jaxgen.errors import DataError
 
 try:
@@ -107,14 +107,12 @@ class CLIPTokenizer:
     vocab_path, merges_path = os.path.join(path, "vocab.json"), os.path.join(path, "merges.txt")
     json_path = os.path.join(path, "tokenizer.json")
     if os.path.isfile(vocab_path) and os.path.isfile(merges_path):
-      with open(vocab_path, encoding="utf-8") as f:
-        vocab = json.load(f)
+      vocab = read_json(vocab_path, "a CLIP BPE vocabulary {token: id}", DataError)
       with open(merges_path, encoding="utf-8") as f:
         lines = f.read().split("\n")
       merges = [tuple(l.split()) for l in lines if l.strip() and not l.startswith("#version")]
     elif os.path.isfile(json_path):
-      with open(json_path, encoding="utf-8") as f:
-        model = json.load(f).get("model", {})
+      model = read_json(json_path, "a tokenizers tokenizer.json", DataError).get("model", {})
       if model.get("type") != "BPE":
         raise DataError(f"{json_path}: tokenizer model {model.get('type')!r} is not BPE")
       vocab = model["vocab"]
@@ -128,8 +126,7 @@ class CLIPTokenizer:
     kwargs = {}
     config_path = os.path.join(path, "tokenizer_config.json")
     if os.path.isfile(config_path):
-      with open(config_path, encoding="utf-8") as f:
-        config = json.load(f)
+      config = read_json(config_path, "a tokenizer_config.json", DataError)
       for key in ("bos_token", "eos_token", "pad_token", "unk_token"):
         if key in config:
           kwargs[key] = _token_content(config[key], "<|endoftext|>")

@@ -27,6 +27,7 @@ from jaxgen import sharding
 from jaxgen import visualize
 from jaxgen.errors import CheckpointError, ConfigError, NonFiniteLossError
 from jaxgen.registry import TASKS
+from jaxgen.train import init_from
 from jaxgen.train import precision
 from jaxgen.train import throughput
 from jaxgen.train.checkpoint import Checkpointer, abstract_like
@@ -109,6 +110,7 @@ def build(config: ml_collections.ConfigDict, workdir: str, *, restore: bool = Tr
     state, data_state, step = checkpointer.restore(abstract_like(abstract, state_shardings))
     if jax.process_index() == 0:
       print(f"resumed from {checkpointer.directory} step {step}", flush=True)
+    init_from.note_resumed(config, checkpointer.directory, step)
   elif require_checkpoint:
     raise CheckpointError(f"no checkpoint in {checkpointer.directory}; train first with "
                           f"--mode=train --workdir={workdir}")
@@ -116,6 +118,7 @@ def build(config: ml_collections.ConfigDict, workdir: str, *, restore: bool = Tr
     state = jax.jit(init_fn, out_shardings=state_shardings)(rng)
     if hasattr(task, "warm_start"):  # A fresh run may start from other weights (a prior phase).
       state = task.warm_start(state)
+    state = init_from.warm_start(config, task, state)  # model.init_from: published weights.
   return Setup(config, workdir, mesh, task, tx, lr_schedule, state, checkpointer, data_state,
                state_shardings)
 
