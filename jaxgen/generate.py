@@ -136,7 +136,7 @@ def evaluate_pipeline(pipe, config: ml_collections.ConfigDict, num_samples: int,
   # Features of the uint8 images the reference pipeline would save, in [-1, 1].
   x = pipe.to_uint8(images).astype(np.float32) / 127.5 - 1.0
   fake = {n: runner.map(lambda _, batch, n=n: fns[n](variables[n], batch), x) for n in nets}
-  result = {"num_samples": int(num_samples), "metrics": spec, "model": FLAGS.model,
+  result = {"num_samples": int(num_samples), "metrics": spec,
             **{k: v for k, v in call_kwargs.items() if v is not None}}
   result.update(evaluate.distribution_metrics(stats, refs, fake, e))
   return result
@@ -156,8 +156,9 @@ def run(argv: List[str]) -> int:
                 scheduler=FLAGS.scheduler, batch_size=FLAGS.batch_size,
                 max_memory_gb=FLAGS.max_memory_gb)
   if FLAGS.eval:
-    result = evaluate_pipeline(pipe, _CONFIG.value, FLAGS.num_samples, FLAGS.reference_stats,
-                               dict(kwargs, seed=FLAGS.seed))
+    result = dict(model=FLAGS.model, **evaluate_pipeline(
+        pipe, _CONFIG.value, FLAGS.num_samples, FLAGS.reference_stats,
+        dict(kwargs, seed=FLAGS.seed)))
     path = os.path.join(FLAGS.out, "eval.json")
     evaluate.write_json(path, result)
     print(f"{evaluate.summary_line(result)}; wrote {path}", flush=True)

@@ -19,7 +19,9 @@ Implementations (`impl`):
       depthwise_conv`; stride 1, odd kernels): XLA:CPU's fast path.
   "folded": the batch folded into the channels, one grouped conv (CAN's reference form; kept for
       the benchmark only).
-  "auto": "pallas" on GPU / TPU; elsewhere "shifts" where it applies, else "xla".
+  "auto": "pallas" on GPU / TPU; elsewhere "shifts" where it applies on CPU, else "xla" (the
+      platform is the default backend, or the target inside `jaxgen.kernels.target.
+      lowering_for`, which jax.export artifacts are traced in: "xla" for a CUDA artifact).
 
 Gradients of the Pallas path come from a `jax.custom_vjp`: dx is the same Pallas kernel with
 the spatially flipped kernel (stride 1, odd kernels; XLA otherwise), dw is a per-sample
@@ -34,6 +36,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from jaxgen.kernels import depthwise_conv as dw_lib
+from jaxgen.kernels import target
 
 IMPLS = ("auto", "pallas", "xla", "shifts", "folded")
 
@@ -56,9 +59,10 @@ def _round_up(n: int, m: int) -> int:
 
 
 def _platform() -> str:
-  backend = jax.default_backend()
-  return backend if backend in ("gpu", "tpu") else ("gpu" if backend in ("cuda", "rocm") else
-                                                     "cpu")
+  """The Pallas platform: "gpu" / "tpu" as `target.platform()` (the default backend or an
+  export's target), else "cpu" (interpret mode)."""
+  platform = target.platform()
+  return platform if platform in ("gpu", "tpu") else "cpu"
 
 
 def output_size(size: int, k: int, stride: int) -> int:
@@ -222,14 +226,15 @@ def ca_depthwise_conv_pallas(x, w, b=None, *, stride: int = 1, platform: Optiona
 
 
 def resolve_impl(impl: str, kernel_size=(3, 3), stride: int = 1) -> str:
-  """"auto" -> "pallas" where the kernel compiles for the default backend (GPU, TPU), else
-  "shifts" (stride 1, odd kernels) or "xla"."""
+  """"auto" -> "pallas" where the kernel compiles for the platform (`target.platform()`: GPU,
+  TPU; not in a GPU export, where its Triton custom call is not stable: `target`), else
+  "shifts" on CPU (stride 1, odd kernels), else "xla"."""
   if impl not in IMPLS:
     raise ValueError(f"unknown ca_depthwise_conv impl {impl!r}; choose from {IMPLS}")
   if impl == "auto":
-    if _platform() in ("gpu", "tpu"):
+    if target.pallas_available():
       return "pallas"
-    return "shifts" if dw_lib.shifts_apply(kernel_size, stride) else "xla"
+    return "shifts" if dw_lib.use_shifts(kernel_size, stride) else "xla"
   if impl == "shifts" and not dw_lib.shifts_apply(kernel_size, stride):
     raise ValueError(f"impl 'shifts' needs stride 1 and odd kernels, got kernel "
                      f"{tuple(kernel_size)} stride {stride}; use impl='xla'")

@@ -20,6 +20,9 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from jaxgen.kernels import target
+
+
 def _pad(x, kh: int, kw: int):
   return jnp.pad(x, ((0, 0), (kh // 2, kh // 2), (kw // 2, kw // 2), (0, 0)))
 
@@ -81,8 +84,9 @@ def shifts_apply(kernel_size, stride: int) -> bool:
 
 
 def use_shifts(kernel_size, stride: int) -> bool:
-  """Whether `depthwise_conv` takes the shifted sums: where they apply, on CPU."""
-  return shifts_apply(kernel_size, stride) and jax.default_backend() == "cpu"
+  """Whether `depthwise_conv` takes the shifted sums: where they apply, on CPU (the default
+  backend, or the target of a `target.lowering_for` export)."""
+  return shifts_apply(kernel_size, stride) and target.platform() == "cpu"
 
 
 def depthwise_conv(x, w, stride: int = 1):

@@ -17,6 +17,7 @@ from jaxgen.errors import WeightsError
 # model_index.json `_class_name` -> "module:class".
 DIFFUSERS_PIPELINES = {
     "DiTPipeline": "jaxgen.pipelines.dit:DiTPipeline",
+    "StableDiffusionPipeline": "jaxgen.pipelines.stable_diffusion:StableDiffusionPipeline",
 }
 # The DC-AE paper's checkpoints (a config.json, no model_index.json).
 DCAE_DIFFUSION = "jaxgen.pipelines.dcae_diffusion:DCAEDiffusionPipeline"

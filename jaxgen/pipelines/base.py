@@ -1,12 +1,13 @@
-"""The class-conditional pipeline: labels in, images out, the whole sampler as one jitted program.
+"""Pipelines: a condition in, images out, the whole sampler as one jitted program.
 
-A subclass holds a published generator (its converted modules and `variables`) and says three
-things as pure functions of (variables, arrays): how the denoising loop runs
-(`sample_latents`), how latents become images (`decode`), and what one backbone evaluation is
-in the checkpoint's own units (`denoiser`). This class does what every such pipeline shares:
+A subclass holds a published generator (its converted modules and `variables`) and says, as
+pure functions of (variables, arrays), how the denoising loop runs (`sample_latents`), how
+latents become images (`decode`), and what the condition of one image is (`condition_spec`:
+a class id, prompt token ids, ...); class-conditional ones also give one backbone evaluation in
+the checkpoint's own units (`denoiser`). `Pipeline` does what every pipeline shares:
 
-* labels: ids, or names through the `id2label` map (diffusers' `get_label_ids`: each value is
-  a comma-separated list of synonyms);
+* labels (`ClassConditionalPipeline`): ids, or names through the `id2label` map (diffusers'
+  `get_label_ids`: each value is a comma-separated list of synonyms);
 * initial noise: `latents=` as given (NHWC), else image i of a call draws
   N(0, I) from `fold_in(PRNGKey(seed), i)`, so an image does not depend on the batch size, the
   device count or the other labels of the call;
@@ -70,29 +71,25 @@ class Plan:
   peak_bytes: Optional[int] = None
 
 
-class ClassConditionalPipeline:
-  """Base of the class-conditional pipelines (DiT, the DC-AE paper's U-ViT / DiT models).
+class Pipeline:
+  """Base of every pipeline: noise + a condition (a pytree of per-image arrays) -> images.
 
-  Subclasses set the attributes below in `__init__` (calling `super().__init__`) and implement
-  `sample_latents`, `decode` and `denoiser`.
+  Subclasses set the attributes below through `__init__` and implement `sample_latents`,
+  `decode` and `condition_spec`; their `__call__` turns user input (class ids, prompts) into
+  the condition and calls `generate`.
   """
-  num_classes: int
   latent_shape: Tuple[int, int, int]   # (h, w, c) of one latent, NHWC
   default_steps: int
   default_guidance: float
 
-  def __init__(self, variables, *, num_classes: int, latent_shape: Sequence[int],
-               default_steps: int, default_guidance: float,
-               id2label: Optional[Mapping[Any, str]] = None, dtype=None, mesh=None):
+  def __init__(self, variables, *, latent_shape: Sequence[int], default_steps: int,
+               default_guidance: float, dtype=None, mesh=None):
     self.dtype = resolve_dtype(dtype)
     self.variables = variables if self.dtype == jnp.float32 else cast_floats(variables,
                                                                              self.dtype)
-    self.num_classes = int(num_classes)
     self.latent_shape = tuple(int(v) for v in latent_shape)
     self.default_steps = int(default_steps)
     self.default_guidance = float(default_guidance)
-    self.id2label = dict(id2label) if id2label else None
-    self.labels = label_map(self.id2label)
     self.mesh = mesh if mesh is not None else sharding.make_mesh(
         ml_collections.ConfigDict({"data": -1}))
     self._compiled: Dict[tuple, Any] = {}
@@ -100,20 +97,18 @@ class ClassConditionalPipeline:
 
   # -- what a subclass provides ------------------------------------------------------------------
 
-  def sample_latents(self, variables, latents: jax.Array, labels: jax.Array,
-                     guidance_scale: float, num_inference_steps: int,
-                     scheduler: Optional[str]) -> jax.Array:
-    """Initial noise (B, h, w, c) float32 and labels (B,) int32 -> final latents; pure and
-    jittable (guidance_scale, num_inference_steps and scheduler are static)."""
+  def condition_spec(self):
+    """The condition of ONE image: a pytree of jax.ShapeDtypeStruct (no batch axis)."""
+    raise NotImplementedError
+
+  def sample_latents(self, variables, latents: jax.Array, cond, guidance_scale: float,
+                     num_inference_steps: int, scheduler: Optional[str]) -> jax.Array:
+    """Initial noise (B, h, w, c) float32 and the condition (batched `condition_spec`) -> final
+    latents; pure and jittable (guidance_scale, num_inference_steps, scheduler static)."""
     raise NotImplementedError
 
   def decode(self, variables, latents: jax.Array) -> jax.Array:
     """Final latents -> float32 NHWC images in [0, 1]; pure and jittable."""
-    raise NotImplementedError
-
-  def denoiser(self, x: jax.Array, t: jax.Array, labels: jax.Array) -> jax.Array:
-    """One backbone evaluation in the checkpoint's own units (t convention, raw output
-    channels), NHWC in and out."""
     raise NotImplementedError
 
   def to_uint8(self, images: np.ndarray) -> np.ndarray:
@@ -121,7 +116,165 @@ class ClassConditionalPipeline:
     numpy_to_pil: round(255 x))."""
     return np.clip(np.round(np.asarray(images, np.float32) * 255.0), 0, 255).astype(np.uint8)
 
-  # -- labels and noise --------------------------------------------------------------------------
+  def noise(self, seed: int, num_images: int, latent_shape=None) -> np.ndarray:
+    """(num_images, h, w, c) float32: image i from fold_in(PRNGKey(seed), i)."""
+    shape = tuple(latent_shape or self.latent_shape)
+    keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.PRNGKey(seed), i))(
+        jnp.arange(num_images))
+    draw = jax.jit(jax.vmap(lambda k: jax.random.normal(k, shape, jnp.float32)))
+    return np.asarray(draw(keys))
+
+  # -- the program -------------------------------------------------------------------------------
+
+  def _program(self, guidance_scale: float, num_inference_steps: int,
+               scheduler: Optional[str], output_type: str,
+               decode_per_image: bool) -> Callable:
+    def run(variables, latents, cond):
+      latents = self.sample_latents(variables, latents, cond, guidance_scale,
+                                    num_inference_steps, scheduler)
+      if output_type == "latent":
+        return latents.astype(jnp.float32)
+      if decode_per_image:  # One image at a time: the decoder's activations for one image.
+        images = jax.lax.map(lambda z: self.decode(variables, z[None])[0], latents)
+      else:
+        images = self.decode(variables, latents)
+      return images.astype(jnp.float32)
+    return run
+
+  def _placed(self):
+    if self._placed_variables is None:
+      self._placed_variables = jax.device_put(self.variables, sharding.replicated(self.mesh))
+    return self._placed_variables
+
+  def _compile(self, key: tuple, batch: int, latent_shape=None):
+    """The compiled program for (guidance, steps, scheduler, output, per-image decode), a batch
+    and a latent shape (default `self.latent_shape`)."""
+    latent_shape = tuple(latent_shape or self.latent_shape)
+    full = key + (batch, latent_shape)
+    if full not in self._compiled:
+      fn = jax.jit(self._program(*key))
+      split, repl = sharding.batch_sharding(self.mesh), sharding.replicated(self.mesh)
+      latents = jax.ShapeDtypeStruct((batch,) + latent_shape, jnp.float32, sharding=split)
+      cond = jax.tree.map(
+          lambda x: jax.ShapeDtypeStruct((batch,) + tuple(x.shape), x.dtype, sharding=split),
+          self.condition_spec())
+      variables = jax.tree.map(
+          lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=repl), self.variables)
+      self._compiled[full] = fn.lower(variables, latents, cond).compile()
+    return self._compiled[full]
+
+  def plan(self, num_images: int, *, guidance_scale: Optional[float] = None,
+           num_inference_steps: Optional[int] = None, scheduler: Optional[str] = None,
+           output_type: str = "np", batch_size: Optional[int] = None,
+           max_memory_gb: Optional[float] = None, latent_shape=None) -> Plan:
+    """The batch (and decode mode) a call runs with; under `max_memory_gb`, the largest batch
+    (at most `batch_size`, default all images) whose compiled peak per device fits, trying
+    the whole-batch decode before the per-image one at each size."""
+    key = self._key(guidance_scale, num_inference_steps, scheduler, output_type)
+    shards = sharding.num_batch_shards(self.mesh)
+    want = max(1, int(batch_size or num_images))
+    want = shards * math.ceil(want / shards)
+    if max_memory_gb is None:
+      return Plan(want, False)
+    budget = float(max_memory_gb) * 2 ** 30
+    best = None
+    sizes = sorted({shards * max(1, (want // shards) >> k) for k in range(64)}, reverse=True)
+    for size in sizes:
+      for per_image in ((False, True) if output_type != "latent" else (False,)):
+        peak = peak_bytes(self._compile(key[:4] + (per_image,), size, latent_shape))
+        best = Plan(size, per_image, peak)
+        if peak <= budget:
+          return best
+    raise ConfigError(
+        f"max_memory_gb={max_memory_gb}: even a batch of {best.batch_size} with a per-image "
+        f"decode needs {best.peak_bytes / 2 ** 20:.1f} MiB per device; raise the budget, use "
+        "dtype='bfloat16', or use more devices.")
+
+  def compiled_peak_bytes(self, batch_size: int = 1, *, guidance_scale=None,
+                          num_inference_steps=None, scheduler=None, output_type: str = "np",
+                          decode_per_image: bool = False, latent_shape=None) -> int:
+    """Peak bytes per device of the compiled sampler (+ decode) at `batch_size`, weights
+    included. Works with abstract `variables` (ShapeDtypeStructs): nothing is allocated."""
+    key = self._key(guidance_scale, num_inference_steps, scheduler, output_type)
+    shards = sharding.num_batch_shards(self.mesh)
+    batch = shards * math.ceil(batch_size / shards)
+    return peak_bytes(self._compile(key[:4] + (decode_per_image,), batch, latent_shape))
+
+  def _key(self, guidance_scale, num_inference_steps, scheduler, output_type):
+    if output_type not in OUTPUT_TYPES:
+      raise ConfigError(f"output_type {output_type!r}; known: {list(OUTPUT_TYPES)}.")
+    guidance = self.default_guidance if guidance_scale is None else float(guidance_scale)
+    steps = self.default_steps if num_inference_steps is None else int(num_inference_steps)
+    if steps < 1:
+      raise ConfigError(f"num_inference_steps must be >= 1, got {steps}.")
+    return (guidance, steps, scheduler, output_type, False)
+
+  def generate(self, cond, num_images: int, *, num_inference_steps: Optional[int] = None,
+               guidance_scale: Optional[float] = None, latents=None, seed: int = 0,
+               scheduler: Optional[str] = None, output_type: str = "np",
+               batch_size: Optional[int] = None, max_memory_gb: Optional[float] = None,
+               progress: Optional[Callable[[int], None]] = None,
+               latent_shape=None) -> np.ndarray:
+    """Images (N, H, W, 3) float32 in [0, 1], or with output_type="latent" the final latents
+    (N, h, w, c) before unscaling and decoding, for `cond` (numpy, batched condition_spec).
+
+    Args:
+      num_inference_steps, guidance_scale: default to the checkpoint's recipe.
+      latents: optional (N, h, w, c) initial noise; else drawn from `seed` per image.
+      scheduler: None (the directory's own) or another algorithm by name, keeping the
+        directory's scheduler config (as diffusers' `Other.from_config(pipe.scheduler.config)`).
+      batch_size: images per compiled batch (default: all at once, or what max_memory_gb allows).
+      progress: called with the number of images done after each batch.
+      latent_shape: (h, w, c) of this call (pipelines whose size is a call argument, e.g. SD's
+        height / width); default `self.latent_shape`.
+    """
+    n = int(num_images)
+    latent_shape = tuple(latent_shape or self.latent_shape)
+    if latents is None:
+      latents = self.noise(seed, n, latent_shape)
+    latents = np.asarray(latents, np.float32)
+    if latents.shape != (n,) + latent_shape:
+      raise ConfigError(f"latents must have shape {(n,) + latent_shape} (N, h, w, c: NHWC) "
+                        f"for {n} images; got {latents.shape}.")
+    key = self._key(guidance_scale, num_inference_steps, scheduler, output_type)
+    plan = self.plan(n, guidance_scale=guidance_scale, num_inference_steps=num_inference_steps,
+                     scheduler=scheduler, output_type=output_type, batch_size=batch_size,
+                     max_memory_gb=max_memory_gb, latent_shape=latent_shape)
+    compiled = self._compile(key[:4] + (plan.decode_per_image,), plan.batch_size, latent_shape)
+    runner = sharding.BatchRunner(self.mesh, plan.batch_size)
+    variables = self._placed()
+    return runner.map(lambda _, batch: compiled(variables, *batch), (latents, cond),
+                      progress=progress)
+
+
+class ClassConditionalPipeline(Pipeline):
+  """Base of the class-conditional pipelines (DiT, the DC-AE paper's U-ViT / DiT models): the
+  condition is the class id; subclasses also give `denoiser`."""
+  num_classes: int
+
+  def __init__(self, variables, *, num_classes: int, latent_shape: Sequence[int],
+               default_steps: int, default_guidance: float,
+               id2label: Optional[Mapping[Any, str]] = None, dtype=None, mesh=None):
+    super().__init__(variables, latent_shape=latent_shape, default_steps=default_steps,
+                     default_guidance=default_guidance, dtype=dtype, mesh=mesh)
+    self.num_classes = int(num_classes)
+    self.id2label = dict(id2label) if id2label else None
+    self.labels = label_map(self.id2label)
+
+  def condition_spec(self):
+    return jax.ShapeDtypeStruct((), jnp.int32)
+
+  def denoiser(self, x: jax.Array, t: jax.Array, labels: jax.Array) -> jax.Array:
+    """One backbone evaluation in the checkpoint's own units (t convention, raw output
+    channels), NHWC in and out."""
+    raise NotImplementedError
+
+  def guided_denoiser(self, variables, x: jax.Array, t: jax.Array, labels: jax.Array,
+                      guidance_scale: float) -> jax.Array:
+    """One classifier-free-guided backbone evaluation with the checkpoint's own guidance
+    convention, pure in `variables` (what `sample_latents` evaluates at each step; export
+    serialises it)."""
+    raise NotImplementedError
 
   def get_label_ids(self, label: Union[str, Sequence[str]]) -> List[int]:
     """Class ids of label names (diffusers' DiTPipeline.get_label_ids)."""
@@ -145,128 +298,17 @@ class ClassConditionalPipeline:
                         f"[0, {self.num_classes}) for this model.")
     return labels.astype(np.int32)
 
-  def noise(self, seed: int, num_images: int) -> np.ndarray:
-    """(num_images, h, w, c) float32: image i from fold_in(PRNGKey(seed), i)."""
-    keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.PRNGKey(seed), i))(
-        jnp.arange(num_images))
-    draw = jax.jit(jax.vmap(lambda k: jax.random.normal(k, self.latent_shape, jnp.float32)))
-    return np.asarray(draw(keys))
-
-  # -- the program -------------------------------------------------------------------------------
-
-  def _program(self, guidance_scale: float, num_inference_steps: int,
-               scheduler: Optional[str], output_type: str,
-               decode_per_image: bool) -> Callable:
-    def run(variables, latents, labels):
-      latents = self.sample_latents(variables, latents, labels, guidance_scale,
-                                    num_inference_steps, scheduler)
-      if output_type == "latent":
-        return latents.astype(jnp.float32)
-      if decode_per_image:  # One image at a time: the decoder's activations for one image.
-        images = jax.lax.map(lambda z: self.decode(variables, z[None])[0], latents)
-      else:
-        images = self.decode(variables, latents)
-      return images.astype(jnp.float32)
-    return run
-
-  def _placed(self):
-    if self._placed_variables is None:
-      self._placed_variables = jax.device_put(self.variables, sharding.replicated(self.mesh))
-    return self._placed_variables
-
-  def _compile(self, key: tuple, batch: int):
-    """The compiled program for (guidance, steps, scheduler, output, per-image decode, batch)."""
-    full = key + (batch,)
-    if full not in self._compiled:
-      fn = jax.jit(self._program(*key))
-      split, repl = sharding.batch_sharding(self.mesh), sharding.replicated(self.mesh)
-      latents = jax.ShapeDtypeStruct((batch,) + self.latent_shape, jnp.float32, sharding=split)
-      labels = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=split)
-      variables = jax.tree.map(
-          lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=repl), self.variables)
-      self._compiled[full] = fn.lower(variables, latents, labels).compile()
-    return self._compiled[full]
-
-  def plan(self, num_images: int, *, guidance_scale: Optional[float] = None,
-           num_inference_steps: Optional[int] = None, scheduler: Optional[str] = None,
-           output_type: str = "np", batch_size: Optional[int] = None,
-           max_memory_gb: Optional[float] = None) -> Plan:
-    """The batch (and decode mode) a call runs with; under `max_memory_gb`, the largest batch
-    (at most `batch_size`, default all images) whose compiled peak per device fits, trying
-    the whole-batch decode before the per-image one at each size."""
-    key = self._key(guidance_scale, num_inference_steps, scheduler, output_type)
-    shards = sharding.num_batch_shards(self.mesh)
-    want = max(1, int(batch_size or num_images))
-    want = shards * math.ceil(want / shards)
-    if max_memory_gb is None:
-      return Plan(want, False)
-    budget = float(max_memory_gb) * 2 ** 30
-    best = None
-    sizes = sorted({shards * max(1, (want // shards) >> k) for k in range(64)}, reverse=True)
-    for size in sizes:
-      for per_image in ((False, True) if output_type != "latent" else (False,)):
-        peak = peak_bytes(self._compile(key[:4] + (per_image,), size))
-        best = Plan(size, per_image, peak)
-        if peak <= budget:
-          return best
-    raise ConfigError(
-        f"max_memory_gb={max_memory_gb}: even a batch of {best.batch_size} with a per-image "
-        f"decode needs {best.peak_bytes / 2 ** 20:.1f} MiB per device; raise the budget, use "
-        "dtype='bfloat16', or use more devices.")
-
-  def compiled_peak_bytes(self, batch_size: int = 1, *, guidance_scale=None,
-                          num_inference_steps=None, scheduler=None, output_type: str = "np",
-                          decode_per_image: bool = False) -> int:
-    """Peak bytes per device of the compiled sampler (+ decode) at `batch_size`, weights
-    included. Works with abstract `variables` (ShapeDtypeStructs): nothing is allocated."""
-    key = self._key(guidance_scale, num_inference_steps, scheduler, output_type)
-    shards = sharding.num_batch_shards(self.mesh)
-    batch = shards * math.ceil(batch_size / shards)
-    return peak_bytes(self._compile(key[:4] + (decode_per_image,), batch))
-
-  def _key(self, guidance_scale, num_inference_steps, scheduler, output_type):
-    if output_type not in OUTPUT_TYPES:
-      raise ConfigError(f"output_type {output_type!r}; known: {list(OUTPUT_TYPES)}.")
-    guidance = self.default_guidance if guidance_scale is None else float(guidance_scale)
-    steps = self.default_steps if num_inference_steps is None else int(num_inference_steps)
-    if steps < 1:
-      raise ConfigError(f"num_inference_steps must be >= 1, got {steps}.")
-    return (guidance, steps, scheduler, output_type, False)
-
   def __call__(self, class_labels: Sequence[int], num_inference_steps: Optional[int] = None,
                guidance_scale: Optional[float] = None, latents=None, seed: int = 0,
                scheduler: Optional[str] = None, output_type: str = "np",
                batch_size: Optional[int] = None, max_memory_gb: Optional[float] = None,
                progress: Optional[Callable[[int], None]] = None) -> np.ndarray:
-    """Images (N, H, W, 3) float32 in [0, 1], or with output_type="latent" the final latents
-    (N, h, w, c) before unscaling and decoding.
-
-    Args:
-      class_labels: N class ids (names: `get_label_ids` first).
-      num_inference_steps, guidance_scale: default to the checkpoint's recipe.
-      latents: optional (N, h, w, c) initial noise; else drawn from `seed` per image.
-      scheduler: None (the directory's own) or another algorithm by name, keeping the
-        directory's scheduler config (as diffusers' `Other.from_config(pipe.scheduler.config)`).
-      batch_size: images per compiled batch (default: all at once, or what max_memory_gb allows).
-      progress: called with the number of images done after each batch.
-    """
+    """Images for N class ids (names: `get_label_ids` first); see `Pipeline.generate`."""
     labels = self.check_labels(class_labels)
-    n = len(labels)
-    if latents is None:
-      latents = self.noise(seed, n)
-    latents = np.asarray(latents, np.float32)
-    if latents.shape != (n,) + self.latent_shape:
-      raise ConfigError(f"latents must have shape {(n,) + self.latent_shape} (N, h, w, c: NHWC) "
-                        f"for {n} labels; got {latents.shape}.")
-    key = self._key(guidance_scale, num_inference_steps, scheduler, output_type)
-    plan = self.plan(n, guidance_scale=guidance_scale, num_inference_steps=num_inference_steps,
-                     scheduler=scheduler, output_type=output_type, batch_size=batch_size,
-                     max_memory_gb=max_memory_gb)
-    compiled = self._compile(key[:4] + (plan.decode_per_image,), plan.batch_size)
-    runner = sharding.BatchRunner(self.mesh, plan.batch_size)
-    variables = self._placed()
-    return runner.map(lambda _, batch: compiled(variables, *batch), (latents, labels),
-                      progress=progress)
+    return self.generate(labels, len(labels), num_inference_steps=num_inference_steps,
+                         guidance_scale=guidance_scale, latents=latents, seed=seed,
+                         scheduler=scheduler, output_type=output_type, batch_size=batch_size,
+                         max_memory_gb=max_memory_gb, progress=progress)
 
 
 def peak_bytes(compiled) -> int:

@@ -96,6 +96,20 @@ class DiTPipeline(ClassConditionalPipeline):
     out = self.transformer.apply(variables["transformer"], x.astype(self.dtype), t, labels)
     return out.astype(jnp.float32)
 
+  def guided_denoiser(self, variables, x, t, labels, guidance_scale: float):
+    """The transformer's output with DiTPipeline's guidance (scale > 1 only): the batch doubled
+    with the null class, eps = uncond + s (cond - uncond) on the latent channels, the rest of
+    the channels from the conditional half."""
+    if guidance_scale <= 1:
+      return self._transformer(variables, x, t, labels)
+    b, c = x.shape[0], self.latent_channels
+    null = jnp.full_like(labels, self.num_classes)
+    t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (b,))
+    out = self._transformer(variables, jnp.concatenate([x, x]), jnp.concatenate([t, t]),
+                            jnp.concatenate([labels, null]))
+    eps_c, eps_u = out[:b, ..., :c], out[b:, ..., :c]
+    return jnp.concatenate([eps_u + guidance_scale * (eps_c - eps_u), out[:b, ..., c:]], axis=-1)
+
   def get_scheduler(self, name: Optional[str] = None) -> schedulers_lib.Scheduler:
     """The directory's scheduler, or algorithm `name` built from its config."""
     return self.scheduler if name is None else schedulers_lib.from_config(self.scheduler.config,
@@ -106,19 +120,9 @@ class DiTPipeline(ClassConditionalPipeline):
     sched = self.get_scheduler(scheduler)
     plan = sched.plan(num_inference_steps)
     c = self.latent_channels
-    cfg = guidance_scale > 1
-    null = jnp.full_like(labels, self.num_classes)
 
     def model_output(x, t):
-      if not cfg:
-        noise_pred = self._transformer(variables, x, t, labels)
-      else:
-        b = x.shape[0]
-        out = self._transformer(variables, jnp.concatenate([x, x]), t,
-                                jnp.concatenate([labels, null]))
-        eps_c, eps_u = out[:b, ..., :c], out[b:, ..., :c]
-        noise_pred = jnp.concatenate([eps_u + guidance_scale * (eps_c - eps_u),
-                                      out[:b, ..., c:]], axis=-1)
+      noise_pred = self.guided_denoiser(variables, x, t, labels, guidance_scale)
       return noise_pred[..., :c] if self.out_channels // 2 == c else noise_pred
 
     def step(carry, i):
