@@ -30,6 +30,8 @@ import numpy as np
 
 # DiT sizes (depth, hidden, heads); patch 2.
 SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
+DCAE_MODELS = ("dc-ae-f32c32-in-1.0-uvit-h-in-512px", "dc-ae-f32c32-in-1.0-dit-xl-in-512px",
+               "dc-ae-f64c128-in-1.0-uvit-h-in-512px")
 SD_VAE = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2,
               down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
               latent_channels=4, norm_num_groups=32, sample_size=256)
@@ -86,6 +88,7 @@ def memory_rows(dtype: str):
   from jaxgen.sharding import make_mesh  # pylint: disable=g-import-not-at-top
   import ml_collections  # pylint: disable=g-import-not-at-top
   rows = []
+  mesh = make_mesh(ml_collections.ConfigDict({"num_devices": 1}))
   sched = schedulers.from_config({"_class_name": "DDIMScheduler", "beta_schedule": "linear",
                                   "clip_sample": False})
   for res in (256, 512):
@@ -97,15 +100,16 @@ def memory_rows(dtype: str):
     variables = {"transformer": dit_convert.abstract_variables(transformer, 4, res // 8),
                  "vae": vae_convert.abstract_variables(vae)}
     pipe = DiTPipeline(transformer, config, vae, SD_VAE, sched, variables, dtype=dtype,
-                       mesh=make_mesh(ml_collections.ConfigDict({"num_devices": 1})))
+                       mesh=mesh)
     rows.append((f"DiT-XL/2 {res} + SD-VAE (50 DDIM steps, cfg 4)",
                  pipe.compiled_peak_bytes(1) / 2 ** 30))
-  try:
-    from jaxgen.pipelines import dcae_diffusion  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    return rows
-  for name, pipe in dcae_diffusion.abstract_published_pipelines(dtype=dtype):
-    rows.append((name, pipe.compiled_peak_bytes(1) / 2 ** 30))
+  from jaxgen.convert import efficientvit_diffusion  # pylint: disable=g-import-not-at-top
+  from jaxgen.pipelines.dcae_diffusion import DCAEDiffusionPipeline  # pylint: disable=g-import-not-at-top
+  for name in DCAE_MODELS:
+    pipe = DCAEDiffusionPipeline(efficientvit_diffusion.abstract_checkpoint(name), dtype=dtype,
+                                 mesh=mesh)
+    rows.append((f"{name} ({pipe.default_steps} steps, cfg {pipe.default_guidance:g})",
+                 pipe.compiled_peak_bytes(1) / 2 ** 30))
   return rows
 
 
@@ -114,11 +118,13 @@ def main(argv=None):
   import jax  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
   from jaxgen.pipelines import load_pipeline  # pylint: disable=g-import-not-at-top
-  ref = build_diffusers(args.size, args.resolution)
+  import diffusers  # pylint: disable=g-import-not-at-top
   labels = list(range(args.batch))
   with tempfile.TemporaryDirectory() as d:
-    ref.save_pretrained(d)
+    build_diffusers(args.size, args.resolution).save_pretrained(d)
     pipe = load_pipeline(d, dtype=args.dtype)
+    # Read back as a user does: eval mode (a fresh DiT drops labels at random in train mode).
+    ref = diffusers.DiTPipeline.from_pretrained(d)
   s = args.resolution // 8
   latents = torch.randn(args.batch, 4, s, s, generator=torch.Generator().manual_seed(0))
   latents_nhwc = latents.permute(0, 2, 3, 1).numpy()
@@ -137,7 +143,6 @@ def main(argv=None):
       "steps": args.steps, "guidance": args.guidance, "dtype": args.dtype,
       "jaxgen_images_per_s": args.batch / t_jax}
   if not args.skip_torch:
-    import diffusers  # pylint: disable=g-import-not-at-top
     theirs = {}
     orig_randn = diffusers.pipelines.dit.pipeline_dit.randn_tensor
 

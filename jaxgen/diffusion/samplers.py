@@ -17,7 +17,7 @@ Notation: a = sqrt(ab_t), s = sqrt(1 - ab_t) at the current point; a', s' at the
           same timesteps).
 """
 
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -28,7 +28,7 @@ from jaxgen.diffusion.schedules import Schedule
 from jaxgen.errors import ConfigError
 
 METHODS = ("ddpm", "ddim", "dpmpp_2m")
-SPACINGS = ("uniform", "trailing")
+SPACINGS = ("uniform", "trailing", "guided_diffusion")
 
 
 def sampling_timesteps(num_train_steps: int, num_steps: Optional[int] = None,
@@ -39,6 +39,10 @@ def sampling_timesteps(num_train_steps: int, num_steps: Optional[int] = None,
   respacing). "trailing": T-1, T-1-T/n, ..., T/n - 1 (diffusers' "trailing"): no evaluation at
   nearly clean t, but the last jump, from t ~ T/n to clean data, is one first-order step, which
   blurs data finer than that noise level (measured on a narrow Gaussian: worse than "uniform").
+  "guided_diffusion": guided-diffusion's `space_timesteps(T, str(num_steps))` exactly, as DiT
+  and efficientvit's DC-AE DiT sample: the fractional stride (T-1)/(n-1) accumulated in floating
+  point and each point rounded half-to-even, so ties can fall a step below "uniform" (n=21 takes
+  499 where "uniform" takes 500); a single step is t = 0.
   """
   num_steps = num_train_steps if num_steps is None else int(num_steps)
   if not 1 <= num_steps <= num_train_steps:
@@ -49,6 +53,13 @@ def sampling_timesteps(num_train_steps: int, num_steps: Optional[int] = None,
   if spacing == "trailing":
     ts = np.round(num_train_steps - np.arange(num_steps) * (num_train_steps / num_steps)) - 1
     return ts.astype(np.int32)
+  if spacing == "guided_diffusion":
+    stride = 1 if num_steps <= 1 else (num_train_steps - 1) / (num_steps - 1)
+    position, taken = 0.0, set()
+    for _ in range(num_steps):
+      taken.add(round(position))  # Python's round, half to even, on the running sum.
+      position += stride
+    return np.array(sorted(taken, reverse=True), np.int32)
   if num_steps == 1:
     return np.array([num_train_steps - 1], np.int32)
   # Spacing (T-1)/(num_steps-1) >= 1, so the rounded points are distinct.
@@ -95,7 +106,8 @@ def sample(model_fn: ModelFn, rng: jax.Array, shape, cond: Any, schedule: Schedu
            method: str = "ddim", num_steps: Optional[int] = 50, eta: float = 0.0,
            guidance_scale=1.0, uncond: Any = None, prediction: str = "eps",
            clip_x0: bool = True, learned_variance: bool = False,
-           spacing: str = "uniform") -> jax.Array:
+           spacing: str = "uniform", x_init: Optional[jax.Array] = None,
+           step_noise: Optional[Callable[[jax.Array], jax.Array]] = None) -> jax.Array:
   """Draws samples x0 of `shape` (NHWC) by reverse diffusion from x_T ~ N(0, I).
 
   Args:
@@ -118,6 +130,11 @@ def sample(model_fn: ModelFn, rng: jax.Array, shape, cond: Any, schedule: Schedu
     learned_variance: DDPM only: use the variance half of a learn_sigma output (improved-DDPM
       "learned range" between the posterior variance and beta, as DiT samples). Only for models
       whose variance half was trained (not by `diffusion_loss`).
+    spacing: the timestep grid (`sampling_timesteps`). Static.
+    x_init: the starting noise x_T (`shape`); None draws it from `rng`.
+    step_noise: `step_noise(i) -> noise of shape` for grid point i (a traced int32), the fresh
+      noise of DDPM / DDIM (eta > 0) steps; None draws it from `rng`. With both given, `rng`
+      is unused (may be None).
 
   Returns:
     float32 samples of `shape`.
@@ -145,10 +162,16 @@ def sample(model_fn: ModelFn, rng: jax.Array, shape, cond: Any, schedule: Schedu
     # lower_order_final plays the same role for its last step).
     w_prev = w_prev.at[n - 2].set(0.0)
 
-  init_rng, noise_rng = jax.random.split(rng)
   needs_noise = method == "ddpm" or (method == "ddim" and not (isinstance(eta, (int, float))
                                                                 and eta == 0))
-  x_init = jax.random.normal(init_rng, shape, jnp.float32)
+  if rng is None and (x_init is None or (needs_noise and step_noise is None)):
+    raise ConfigError("sample: pass rng, or x_init (and step_noise for a stochastic sampler).")
+  init_rng, noise_rng = jax.random.split(rng) if rng is not None else (None, None)
+  if x_init is None:
+    x_init = jax.random.normal(init_rng, shape, jnp.float32)
+  x_init = jnp.asarray(x_init, jnp.float32)
+  if step_noise is None:
+    step_noise = lambda i: jax.random.normal(jax.random.fold_in(noise_rng, i), shape, jnp.float32)
 
   def step(carry, inp):
     x, x0_prev = carry
@@ -165,7 +188,7 @@ def sample(model_fn: ModelFn, rng: jax.Array, shape, cond: Any, schedule: Schedu
       x0 = jnp.clip(x0, -1.0, 1.0)
       eps = (x - a_i * x0) / s_i
     if needs_noise:
-      z = jax.random.normal(jax.random.fold_in(noise_rng, i), shape, jnp.float32)
+      z = jnp.asarray(step_noise(i), jnp.float32)
 
     if method == "ddim":
       sig = eta * jnp.sqrt((1.0 - abn) / (1.0 - ab_i)) * jnp.sqrt(1.0 - ab_i / abn)

@@ -73,14 +73,23 @@ def torch_linspace_f32(start: float, end: float, steps: int) -> np.ndarray:
   return np.where(idx < steps // 2, low, high).astype(F32)
 
 
-def _laplace_betas(num_steps: int, max_beta: float = 0.999) -> np.ndarray:
-  """diffusers' `betas_for_alpha_bar(alpha_transform_type="laplace")` (DDPM only)."""
-  def alpha_bar(t):
-    lmb = -0.5 * math.copysign(1, 0.5 - t) * math.log(1 - 2 * math.fabs(0.5 - t) + 1e-6)
-    snr = math.exp(lmb)
-    return math.sqrt(snr / (1 + snr))
+def _alpha_bar_betas(alpha_bar: Callable[[float], float], num_steps: int,
+                     max_beta: float = 0.999) -> np.ndarray:
+  """diffusers' `betas_for_alpha_bar`: python-float maths, rounded to float32 at the end."""
   return np.array([min(1 - alpha_bar((i + 1) / num_steps) / alpha_bar(i / num_steps), max_beta)
                    for i in range(num_steps)], F32)
+
+
+def _laplace_alpha_bar(t: float) -> float:
+  """alpha_transform_type="laplace" (DDPM's beta_schedule "laplace")."""
+  lmb = -0.5 * math.copysign(1, 0.5 - t) * math.log(1 - 2 * math.fabs(0.5 - t) + 1e-6)
+  snr = math.exp(lmb)
+  return math.sqrt(snr / (1 + snr))
+
+
+def _exp_alpha_bar(t: float) -> float:
+  """alpha_transform_type="exp" (Heun's beta_schedule "exp")."""
+  return math.exp(t * -12.0)
 
 
 def _cumprod_f32(alphas: np.ndarray) -> np.ndarray:
@@ -131,7 +140,7 @@ def _exponential_sigmas(in_sigmas, n, sigma_min=None, sigma_max=None) -> np.ndar
 
 def _beta_sigmas(in_sigmas, n, sigma_min=None, sigma_max=None, alpha=0.6, beta=0.6):
   """Lee et al. 2024 beta-distributed sigmas (scipy, which jax already depends on)."""
-  import scipy.stats  # pylint: disable=g-import-not-at-top
+  import scipy.stats  # pylint: disable=g-import-not-at-top  (on use: a slow import)
   lo, hi = _sigma_range(in_sigmas, sigma_min, sigma_max)
   return np.array([lo + (scipy.stats.beta.ppf(u, alpha, beta) * (hi - lo))
                    for u in 1 - np.linspace(0, 1, n)])
@@ -145,6 +154,38 @@ def _gather(table: np.ndarray, idx, what: str) -> np.ndarray:
                       "timesteps (diffusers raises an IndexError here). Lower steps_offset or "
                       "num_inference_steps.")
   return table[idx]
+
+
+def _check_sigma_spacing(c: Mapping[str, Any]):
+  """At most one of the karras / exponential / beta sigma spacings."""
+  if sum(bool(c[k]) for k in ("use_beta_sigmas", "use_exponential_sigmas",
+                              "use_karras_sigmas")) > 1:
+    raise ConfigError("Only one of use_beta_sigmas, use_exponential_sigmas, "
+                      "use_karras_sigmas can be set.")
+
+
+def _check_sigma_options(c: Mapping[str, Any]):
+  """DPM-Solver / UniPC / Euler: one final sigma rule, at most one sigma spacing."""
+  if c["final_sigmas_type"] not in ("zero", "sigma_min"):
+    raise ConfigError(f"final_sigmas_type must be 'zero' or 'sigma_min', got "
+                      f"{c['final_sigmas_type']!r}.")
+  _check_sigma_spacing(c)
+
+
+def _respaced_sigmas(c: Mapping[str, Any], in_sigmas: np.ndarray, n: int,
+                     karras_range: bool = True) -> Optional[np.ndarray]:
+  """The karras / exponential / beta sigmas the config asks for over `in_sigmas`' range
+  (descending), else None. The range comes from the config's sigma_min / sigma_max where set
+  (diffusers reads them with hasattr: a class's own keys or ones carried along); LMS's karras
+  conversion ignores them (`karras_range=False`)."""
+  smin, smax = c.get("sigma_min"), c.get("sigma_max")
+  if c["use_karras_sigmas"]:
+    return _karras_sigmas(in_sigmas, n, *((smin, smax) if karras_range else (None, None)))
+  if c["use_exponential_sigmas"]:
+    return _exponential_sigmas(in_sigmas, n, smin, smax)
+  if c["use_beta_sigmas"]:
+    return _beta_sigmas(in_sigmas, n, smin, smax)
+  return None
 
 
 def _threshold(x0: jax.Array, ratio: float, max_value: float) -> jax.Array:
@@ -220,13 +261,18 @@ class Scheduler:
     self._validate()
     self.betas = self._betas()
     self.alphas_cumprod = _cumprod_f32(F32(1) - self.betas)
-    if self.RESCALE_SETS_LAST_ALPHA and self.config.get("rescale_betas_zero_snr"):
+    if self.RESCALE_SETS_LAST_ALPHA and self._own("rescale_betas_zero_snr"):
       self.alphas_cumprod[-1] = F32(2.0 ** -24)
 
   def __repr__(self):
     return f"{self.class_name}({', '.join(f'{k}={self.config[k]!r}' for k in self.DEFAULTS)})"
 
   # -- config
+  def _own(self, key: str) -> Any:
+    """A key of this class's `__init__` (None for another class's key carried along: a PNDM
+    built from a DDIM config with rescale_betas_zero_snr does not rescale, as in diffusers)."""
+    return self.config[key] if key in self.DEFAULTS else None
+
   def _post_init(self):
     """Config rewrites diffusers' __init__ does with register_to_config (none by default)."""
 
@@ -238,7 +284,7 @@ class Scheduler:
     if c["prediction_type"] not in self.PREDICTION_TYPES:
       raise ConfigError(f"{self.class_name}: prediction_type {c['prediction_type']!r} is not "
                         f"supported; known: {list(self.PREDICTION_TYPES)}.")
-    if c["timestep_spacing"] not in SPACINGS:
+    if self._own("timestep_spacing") is not None and c["timestep_spacing"] not in SPACINGS:
       raise ConfigError(f"{self.class_name}: timestep_spacing {c['timestep_spacing']!r} is not "
                         f"supported; known: {list(SPACINGS)}.")
     if int(c["num_train_timesteps"]) < 1:
@@ -256,12 +302,14 @@ class Scheduler:
     elif c["beta_schedule"] == "squaredcos_cap_v2":
       betas = cosine_betas(n).astype(F32)
     elif c["beta_schedule"] == "laplace":
-      betas = _laplace_betas(n)
+      betas = _alpha_bar_betas(_laplace_alpha_bar, n)
+    elif c["beta_schedule"] == "exp":
+      betas = _alpha_bar_betas(_exp_alpha_bar, n)
     else:  # sigmoid (DDPM)
       x = torch_linspace_f32(-6, 6, n)
       betas = (F32(1) / (F32(1) + np.exp(-x))) * F32(c["beta_end"] - c["beta_start"]) + F32(
           c["beta_start"])
-    if c.get("rescale_betas_zero_snr"):
+    if self._own("rescale_betas_zero_snr"):
       betas = _rescale_zero_terminal_snr(betas)
     return betas.astype(F32)
 
@@ -614,6 +662,73 @@ class PNDMScheduler(Scheduler):
 
 # ----------------------------------------------------------------------------- DPM-Solver
 
+def _solver_timesteps(spacing: str, last: int, T: int, n: int, offset: int) -> np.ndarray:
+  """DPM-Solver / UniPC timesteps (int64, descending): n + 1 grid points less the last one;
+  `last` is T less the timesteps cut by lambda_min_clipped."""
+  if spacing == "linspace":
+    return np.linspace(0, last - 1, n + 1).round()[::-1][:-1].copy().astype(np.int64)
+  if spacing == "leading":
+    ratio = last // (n + 1)
+    return (np.arange(0, n + 1) * ratio).round()[::-1][:-1].copy().astype(np.int64) + offset
+  return np.arange(last, 0, -(T / n)).round().copy().astype(np.int64) - 1
+
+
+def _vp_alpha_sigma(sigma: np.ndarray, flow: bool) -> Tuple[np.ndarray, np.ndarray]:
+  """diffusers' `_sigma_to_alpha_sigma_t` in float32: (1 - s, s) for flow sigmas, else the
+  variance-preserving (1 / sqrt(s^2 + 1), s / sqrt(s^2 + 1))."""
+  if flow:
+    return F32(1) - sigma, sigma
+  alpha = F32(1) / np.sqrt(sigma * sigma + F32(1))
+  return alpha, sigma * alpha
+
+
+def _dpm_coefficients(algo: str, heun: bool, order: int, a_t, s_t, a_s, s_s, h
+                      ) -> Dict[str, np.float32]:
+  """DPM-Solver(++) update coefficients from (alpha_s, sigma_s) to (alpha_t, sigma_t) over the
+  log-SNR step h, each in diffusers' float32 expression order.
+
+  x' = c_x x + c0 D0 + c1 D1 + c2 D2 (+ c_noise z), with the caller's D terms (multistep and
+  singlestep build them differently). Order 3 is multistep's update and singlestep's "heun"
+  one (singlestep's "midpoint" uses c1 alone, on its D1_1).
+  """
+  one, two, half = F32(1), F32(2), F32(0.5)
+  e_mh, e_h, e_m2h = np.exp(-h), np.exp(h), np.exp(F32(-2.0) * h)
+  row = {}
+  if algo == "dpmsolver++":
+    row["c_x"], row["c0"] = s_t / s_s, -(a_t * (e_mh - one))
+  elif algo == "dpmsolver":
+    row["c_x"], row["c0"] = a_t / a_s, -(s_t * (e_h - one))
+  elif algo == "sde-dpmsolver++":
+    row["c_x"], row["c0"] = s_t / s_s * e_mh, a_t * (one - e_m2h)
+    row["c_noise"] = s_t * np.sqrt(one - e_m2h)
+  else:
+    row["c_x"], row["c0"] = a_t / a_s, -(two * (s_t * (e_h - one)))
+    row["c_noise"] = s_t * np.sqrt(np.exp(two * h) - one)
+  if order == 2:
+    if algo == "dpmsolver++":
+      row["c1"] = a_t * ((e_mh - one) / h + one) if heun else -(half * (a_t * (e_mh - one)))
+    elif algo == "dpmsolver":
+      row["c1"] = -(s_t * ((e_h - one) / h - one)) if heun else -(half * (s_t * (e_h - one)))
+    elif algo == "sde-dpmsolver++":
+      row["c1"] = (a_t * ((one - e_m2h) / (F32(-2.0) * h) + one) if heun
+                   else half * (a_t * (one - e_m2h)))
+    else:
+      row["c1"] = (-(two * (s_t * ((e_h - one) / h - one))) if heun
+                   else -(s_t * (e_h - one)))
+  if order == 3:
+    if algo == "dpmsolver++":
+      row["c1"] = a_t * ((e_mh - one) / h + one)
+      row["c2"] = -(a_t * ((e_mh - one + h) / (h * h) - half))
+    elif algo == "dpmsolver":
+      row["c1"] = -(s_t * ((e_h - one) / h - one))
+      row["c2"] = -(s_t * ((e_h - one - h) / (h * h) - half))
+    else:
+      two_h = two * h
+      row["c1"] = a_t * ((one - e_m2h) / (F32(-2.0) * h) + one)
+      row["c2"] = a_t * ((one - e_m2h - two_h) / (two_h * two_h) - half)
+  return row
+
+
 class DPMSolverMultistepScheduler(Scheduler):
   """Lu et al. 2022 DPM-Solver / DPM-Solver++ multistep (orders 1-3) and their SDE variants.
 
@@ -643,8 +758,8 @@ class DPMSolverMultistepScheduler(Scheduler):
     # DEIS-style names as their DPM-Solver equivalents.
     c = self.config
     if c["algorithm_type"] not in self.ALGORITHMS + ("deis",):
-      raise ConfigError(f"DPMSolverMultistepScheduler: algorithm_type {c['algorithm_type']!r} "
-                        f"is not implemented; known: {list(self.ALGORITHMS)}.")
+      raise ConfigError(f"{self.class_name}: algorithm_type {c['algorithm_type']!r} is not "
+                        f"implemented; known: {list(self.ALGORITHMS)}.")
     if c["algorithm_type"] not in ("dpmsolver++", "sde-dpmsolver++") and (
         c["final_sigmas_type"] == "zero"):
       raise ConfigError(f"final_sigmas_type 'zero' is not supported for algorithm_type "
@@ -658,24 +773,24 @@ class DPMSolverMultistepScheduler(Scheduler):
     super()._validate()
     c = self.config
     if c["solver_type"] not in ("midpoint", "heun"):
-      raise ConfigError(f"DPMSolverMultistepScheduler: solver_type {c['solver_type']!r} is not "
+      raise ConfigError(f"{self.class_name}: solver_type {c['solver_type']!r} is not "
                         "implemented; known: ['midpoint', 'heun'].")
     if int(c["solver_order"]) not in (1, 2, 3):
-      raise ConfigError(f"DPMSolverMultistepScheduler: solver_order must be 1, 2 or 3, got "
+      raise ConfigError(f"{self.class_name}: solver_order must be 1, 2 or 3, got "
                         f"{c['solver_order']}.")
-    if c["final_sigmas_type"] not in ("zero", "sigma_min"):
-      raise ConfigError(f"final_sigmas_type must be 'zero' or 'sigma_min', got "
-                        f"{c['final_sigmas_type']!r}.")
+    _check_sigma_options(c)
     if "++" not in c["algorithm_type"] and c["prediction_type"] == "flow_prediction":
       raise ConfigError("prediction_type 'flow_prediction' needs algorithm_type dpmsolver++ or "
                         "sde-dpmsolver++.")
-    if sum(bool(c[k]) for k in ("use_beta_sigmas", "use_exponential_sigmas",
-                                "use_karras_sigmas")) > 1:
-      raise ConfigError("Only one of use_beta_sigmas, use_exponential_sigmas, "
-                        "use_karras_sigmas can be set.")
     if c["use_dynamic_shifting"]:
       raise ConfigError("use_dynamic_shifting needs a per-call `mu` (flow models); not "
                         "supported here: set use_dynamic_shifting=false.")
+
+  def _grid(self) -> Tuple[str, int, bool, bool]:
+    """(timestep spacing, steps_offset, use_lu_lambdas, whether karras timesteps are rounded)."""
+    c = self.config
+    return (c["timestep_spacing"], c["steps_offset"], c["use_lu_lambdas"],
+            c["beta_schedule"] != "squaredcos_cap_v2")
 
   def _sigmas_and_timesteps(self, n: int) -> Tuple[np.ndarray, np.ndarray]:
     c, T = self.config, self.num_train_timesteps
@@ -683,36 +798,21 @@ class DPMSolverMultistepScheduler(Scheduler):
     with np.errstate(divide="ignore"):
       lambda_t = np.log(np.sqrt(ac)) - np.log(np.sqrt(F32(1) - ac))
     clipped_idx = int(np.searchsorted(lambda_t[::-1], F32(c["lambda_min_clipped"])))
-    last = T - clipped_idx
-    spacing = c["timestep_spacing"]
-    if spacing == "linspace":
-      ts = np.linspace(0, last - 1, n + 1).round()[::-1][:-1].copy().astype(np.int64)
-    elif spacing == "leading":
-      ratio = last // (n + 1)
-      ts = (np.arange(0, n + 1) * ratio).round()[::-1][:-1].copy().astype(np.int64)
-      ts += c["steps_offset"]
-    else:
-      ts = np.arange(last, 0, -(T / n)).round().copy().astype(np.int64) - 1
+    spacing, offset, lu_lambdas, round_karras = self._grid()
+    ts = _solver_timesteps(spacing, T - clipped_idx, T, n, offset)
     sigmas = np.sqrt((F32(1) - ac) / ac)
     log_sigmas = np.log(sigmas)
-    smin, smax = c.get("sigma_min"), c.get("sigma_max")   # hidden keys, as diffusers' hasattr
-    rounded = c["beta_schedule"] != "squaredcos_cap_v2"
-    if c["use_karras_sigmas"]:
-      sigmas = _karras_sigmas(np.flip(sigmas).copy(), n, smin, smax)
+    respaced = _respaced_sigmas(c, np.flip(sigmas).copy(), n)
+    if respaced is not None:
+      sigmas = respaced
       ts = _sigma_to_t(sigmas, log_sigmas)
-      ts = ts.round() if rounded else ts
-    elif c["use_lu_lambdas"]:
+      ts = ts.round() if c["use_karras_sigmas"] and round_karras else ts
+    elif lu_lambdas:
       lambdas = np.flip(log_sigmas.copy())
       lmin, lmax = lambdas[-1].item(), lambdas[0].item()
       sigmas = np.exp(lmax + np.linspace(0, 1, n) * (lmin - lmax))
       ts = _sigma_to_t(sigmas, log_sigmas)
-      ts = ts.round() if rounded else ts
-    elif c["use_exponential_sigmas"]:
-      sigmas = _exponential_sigmas(np.flip(sigmas).copy(), n, smin, smax)
-      ts = _sigma_to_t(sigmas, log_sigmas)
-    elif c["use_beta_sigmas"]:
-      sigmas = _beta_sigmas(np.flip(sigmas).copy(), n, smin, smax)
-      ts = _sigma_to_t(sigmas, log_sigmas)
+      ts = ts.round() if round_karras else ts
     elif c["use_flow_sigmas"]:
       alphas = np.linspace(1, 1 / T, n + 1)
       s = 1.0 - alphas
@@ -729,10 +829,7 @@ class DPMSolverMultistepScheduler(Scheduler):
     return sigmas, np.asarray(ts).astype(np.int64)
 
   def _alpha_sigma(self, sigma: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
-    if self.config["use_flow_sigmas"]:
-      return F32(1) - sigma, sigma
-    alpha = F32(1) / np.sqrt(sigma * sigma + F32(1))
-    return alpha, sigma * alpha
+    return _vp_alpha_sigma(sigma, self.config["use_flow_sigmas"])
 
   def _order(self, i: int, n: int) -> int:
     """The solver order diffusers' step uses at step i of n (lower_order_nums = min(i, order))."""
@@ -753,48 +850,15 @@ class DPMSolverMultistepScheduler(Scheduler):
     if order == 3 and algo == "sde-dpmsolver":
       raise ConfigError("diffusers has no third-order sde-dpmsolver update: set "
                         "solver_order <= 2 or algorithm_type 'sde-dpmsolver++'.")
-    one, two, half = F32(1), F32(2), F32(0.5)
-    a_t, s_t, a_s0, s_s0 = alpha[i + 1], sigma[i + 1], alpha[i], sigma[i]
+    one = F32(1)
     h = lam[i + 1] - lam[i]
-    e_mh, e_h, e_m2h = np.exp(-h), np.exp(h), np.exp(F32(-2.0) * h)
-    row = {}
-    if algo == "dpmsolver++":
-      row["c_x"], row["c0"] = s_t / s_s0, -(a_t * (e_mh - one))
-    elif algo == "dpmsolver":
-      row["c_x"], row["c0"] = a_t / a_s0, -(s_t * (e_h - one))
-    elif algo == "sde-dpmsolver++":
-      row["c_x"], row["c0"] = s_t / s_s0 * e_mh, a_t * (one - e_m2h)
-      row["c_noise"] = s_t * np.sqrt(one - e_m2h)
-    else:
-      row["c_x"], row["c0"] = a_t / a_s0, -(two * (s_t * (e_h - one)))
-      row["c_noise"] = s_t * np.sqrt(np.exp(two * h) - one)
+    row = _dpm_coefficients(algo, heun, order, alpha[i + 1], sigma[i + 1], alpha[i], sigma[i], h)
     if order >= 2:
       r0 = (lam[i] - lam[i - 1]) / h
       row["inv_r0"] = one / r0
-    if order == 2:
-      if algo == "dpmsolver++":
-        row["c1"] = a_t * ((e_mh - one) / h + one) if heun else -(half * (a_t * (e_mh - one)))
-      elif algo == "dpmsolver":
-        row["c1"] = -(s_t * ((e_h - one) / h - one)) if heun else -(half * (s_t * (e_h - one)))
-      elif algo == "sde-dpmsolver++":
-        row["c1"] = (a_t * ((one - e_m2h) / (F32(-2.0) * h) + one) if heun
-                     else half * (a_t * (one - e_m2h)))
-      else:
-        row["c1"] = (-(two * (s_t * ((e_h - one) / h - one))) if heun
-                     else -(s_t * (e_h - one)))
     if order == 3:   # (solver_type plays no part at third order)
       r1 = (lam[i - 1] - lam[i - 2]) / h
       row.update(inv_r1=one / r1, k1=r0 / (r0 + r1), k2=one / (r0 + r1))
-      if algo == "dpmsolver++":
-        row["c1"] = a_t * ((e_mh - one) / h + one)
-        row["c2"] = -(a_t * ((e_mh - one + h) / (h * h) - half))
-      elif algo == "dpmsolver":
-        row["c1"] = -(s_t * ((e_h - one) / h - one))
-        row["c2"] = -(s_t * ((e_h - one - h) / (h * h) - half))
-      else:
-        two_h = two * h
-        row["c1"] = a_t * ((one - e_m2h) / (F32(-2.0) * h) + one)
-        row["c2"] = a_t * ((one - e_m2h - two_h) / (two_h * two_h) - half)
     return row
 
   def plan(self, num_inference_steps: int, eta: float = 0.0) -> Plan:
@@ -867,6 +931,333 @@ class DPMSolverMultistepScheduler(Scheduler):
     return prev.astype(sample.dtype), state
 
 
+class DPMSolverSinglestepScheduler(DPMSolverMultistepScheduler):
+  """Lu et al. 2022 singlestep DPM-Solver / DPM-Solver++ (orders 1-3) and SDE-DPM-Solver++.
+
+  diffusers' order list groups the steps into blocks of orders 1, 2(, 3); a block's order-k
+  step restarts from the sample at the block's start and uses the k outputs taken inside it
+  (D0 = the block's first output; D1, D2 from the later ones over the block's log-SNR span).
+  The plan holds each step's order and coefficients (`_dpm_coefficients`, zeros for unused
+  terms); conversions and the sigma grid are the multistep class's (linspace timesteps only).
+  """
+  class_name = "DPMSolverSinglestepScheduler"
+  DEFAULTS = {
+      **_COMMON, "solver_order": 2, "prediction_type": "epsilon", "thresholding": False,
+      "dynamic_thresholding_ratio": 0.995, "sample_max_value": 1.0,
+      "algorithm_type": "dpmsolver++", "solver_type": "midpoint", "lower_order_final": False,
+      "use_karras_sigmas": False, "use_exponential_sigmas": False, "use_beta_sigmas": False,
+      "use_flow_sigmas": False, "flow_shift": 1.0, "final_sigmas_type": "zero",
+      "lambda_min_clipped": -float("inf"), "variance_type": None,
+      "use_dynamic_shifting": False, "time_shift_type": "exponential",
+  }
+  ALGORITHMS = ("dpmsolver", "dpmsolver++", "sde-dpmsolver++")
+  RESCALE_SETS_LAST_ALPHA = False
+
+  def _validate(self):
+    super()._validate()
+    if self.config["algorithm_type"] == "dpmsolver" and self.config["thresholding"]:
+      raise ConfigError("DPMSolverSinglestepScheduler: thresholding with algorithm_type "
+                        "'dpmsolver' fails in diffusers (it indexes alpha_t by a timestep it "
+                        "is not given): use algorithm_type 'dpmsolver++' or thresholding=false.")
+
+  def _grid(self):
+    return "linspace", 0, False, True
+
+  def _order_list(self, n: int) -> list:
+    """diffusers' get_order_list(n)."""
+    c = self.config
+    order = int(c["solver_order"])
+    if c["lower_order_final"]:
+      if order == 3:
+        tail = {0: [1, 2, 1], 1: [1], 2: [1, 2]}[n % 3]
+        orders = [1, 2, 3] * (n // 3 - (n % 3 == 0)) + tail
+      elif order == 2:
+        orders = [1, 2] * (n // 2 - 1) + [1, 1] if n % 2 == 0 else [1, 2] * (n // 2) + [1]
+      else:
+        orders = [1] * n
+    else:
+      orders = {3: [1, 2, 3] * (n // 3), 2: [1, 2] * (n // 2), 1: [1] * n}[order]
+    if c["final_sigmas_type"] == "zero":
+      orders[-1] = 1
+    return orders
+
+  def _step_row(self, order: int, j: int, alpha, sigma, lam) -> Dict[str, np.float32]:
+    """Step j's coefficients; its block started at step j - order + 1."""
+    algo, heun = self.config["algorithm_type"], self.config["solver_type"] == "heun"
+    one = F32(1)
+    start = j - order + 1
+    h = lam[j + 1] - lam[start]
+    row = _dpm_coefficients(algo, heun, order, alpha[j + 1], sigma[j + 1], alpha[start],
+                            sigma[start], h)
+    if order >= 2:
+      r0 = (lam[j] - lam[start]) / h
+      row["inv_r0"] = one / r0
+    if order == 3:
+      r1 = (lam[j - 1] - lam[start]) / h
+      row.update(inv_r1=one / r1, r0=r0, r1=r1, r_diff=r0 - r1)
+      if not heun:   # midpoint: D1_1 alone
+        row["c2"] = F32(0)
+    return row
+
+  def plan(self, num_inference_steps: int, eta: float = 0.0) -> Plan:
+    del eta
+    c = self.config
+    n = self._check_steps(num_inference_steps)
+    # diffusers' set_timesteps switches lower_order_final on for good (register_to_config)
+    # when the steps do not fill whole blocks or the last sigma is zero.
+    if not c["lower_order_final"] and (n % int(c["solver_order"]) != 0
+                                       or c["final_sigmas_type"] == "zero"):
+      c["lower_order_final"] = True
+    sigmas, ts = self._sigmas_and_timesteps(n)
+    orders = self._order_list(n)
+    alpha, sigma = self._alpha_sigma(sigmas)
+    keys = ("c_x", "c0", "c1", "c2", "c_noise", "inv_r0", "inv_r1", "r0", "r1", "r_diff")
+    tables = {k: np.zeros(len(ts), F32) for k in keys}
+    tables["r_diff"][:] = 1   # unused below order 3; 1 keeps the traced quotient finite
+    tables["order"] = np.zeros(len(ts), np.int32)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+      lam = np.log(alpha) - np.log(sigma)
+      for j in range(len(ts)):
+        order = min(orders[j], j + 1)   # diffusers lowers it while outputs are missing
+        tables["order"][j] = order
+        for k, v in self._step_row(order, j, alpha, sigma, lam).items():
+          tables[k][j] = v
+    tables.update(alpha=alpha[:n], sigma=sigma[:n], sigmas=sigmas[:n])
+    return _make_plan(ts, tables, num_inference_steps=n)
+
+  def init_state(self, plan, sample):
+    return {"history": jnp.zeros((2,) + sample.shape, jnp.float32),
+            "sample": jnp.zeros(sample.shape, jnp.float32)}
+
+  def step(self, plan, i, model_output, sample, state, rng=None):
+    tb = {k: v[i] for k, v in plan.tables.items()}
+    mo, x = _as_f32((model_output, sample))
+    m0 = self._convert(tb, mo, x)
+    m1, m2 = state["history"][1], state["history"][0]
+    order = tb["order"]
+    start = jnp.where(order == 1, x, state["sample"])   # the block's first sample
+    d0 = jnp.where(order == 1, m0, jnp.where(order == 2, m1, m2))
+    d1_1 = tb["inv_r0"] * (m0 - jnp.where(order == 2, m1, m2))   # order 2: D1
+    prev = tb["c_x"] * start + tb["c0"] * d0
+    if self.config["solver_type"] == "heun":
+      d1_0 = tb["inv_r1"] * (m1 - m2)
+      d1 = jnp.where(order == 3, (tb["r0"] * d1_0 - tb["r1"] * d1_1) / tb["r_diff"], d1_1)
+      d2 = 2.0 * (d1_1 - d1_0) / tb["r_diff"]
+      prev = prev + tb["c1"] * d1 + tb["c2"] * d2
+    else:
+      prev = prev + tb["c1"] * d1_1
+    if self.needs_rng(plan):
+      prev = prev + tb["c_noise"] * self._noise(rng, x)
+    return prev.astype(sample.dtype), {"history": jnp.stack([m1, m0]), "sample": start}
+
+
+# ----------------------------------------------------------------------------- UniPC
+
+class UniPCMultistepScheduler(Scheduler):
+  """Zhao et al. 2023 UniPC: a multistep predictor (UniP) and a corrector (UniC) that, from the
+  second step on, redoes the previous update with the new model output (no extra evaluation);
+  bh1 / bh2 B(h), any solver order, data (predict_x0) or noise prediction.
+
+  Predictor and corrector over one interval (sigma_i -> sigma_{i+1}) share its coefficients:
+  x' = c_x x_i + c_m m_i - c_res (sum_k rho_k D_k [+ rho_t (m_{i+1} - m_i)]), with
+  D_k = (m_{i-k} - m_i) / r_k. The plan holds, per step, the predictor's interval (r_k, and rho
+  = 0.5 at order 2 or the solve of diffusers' R system) and, shifted by one, the corrector's
+  (rho = the full system's solve, 0.5 at order 1); zeros beyond the order. A zero final sigma
+  with solver_type bh1, predict_x0=false or lower_order_final=false gives NaN, as in diffusers.
+  """
+  class_name = "UniPCMultistepScheduler"
+  DEFAULTS = {
+      **_COMMON, "solver_order": 2, "prediction_type": "epsilon", "thresholding": False,
+      "dynamic_thresholding_ratio": 0.995, "sample_max_value": 1.0, "predict_x0": True,
+      "solver_type": "bh2", "lower_order_final": True, "disable_corrector": [],
+      "solver_p": None, "use_karras_sigmas": False, "use_exponential_sigmas": False,
+      "use_beta_sigmas": False, "use_flow_sigmas": False, "flow_shift": 1.0,
+      "timestep_spacing": "linspace", "steps_offset": 0, "final_sigmas_type": "zero",
+      "rescale_betas_zero_snr": False, "use_dynamic_shifting": False,
+      "time_shift_type": "exponential", "sigma_min": None, "sigma_max": None,
+      "shift_terminal": None,
+  }
+  PREDICTION_TYPES = ("epsilon", "sample", "v_prediction", "flow_prediction")
+  RESCALE_SETS_LAST_ALPHA = True
+
+  def _post_init(self):
+    c = self.config
+    if c["solver_type"] in ("midpoint", "heun", "logrho"):   # registered as bh2, as diffusers
+      c["solver_type"] = "bh2"
+
+  def _validate(self):
+    super()._validate()
+    c = self.config
+    if c["solver_type"] not in ("bh1", "bh2"):
+      raise ConfigError(f"UniPCMultistepScheduler: solver_type {c['solver_type']!r} is not "
+                        "implemented; known: ['bh1', 'bh2'].")
+    if int(c["solver_order"]) < 1:
+      raise ConfigError(f"UniPCMultistepScheduler: solver_order must be >= 1, got "
+                        f"{c['solver_order']}.")
+    _check_sigma_options(c)
+    if c["solver_p"] is not None:
+      raise ConfigError("UniPCMultistepScheduler: solver_p (another scheduler as the "
+                        "predictor) is not supported: set solver_p to null.")
+    if c["use_dynamic_shifting"]:
+      raise ConfigError("use_dynamic_shifting needs a per-call `mu` (diffusers raises without "
+                        "one): set use_dynamic_shifting=false.")
+    if c["shift_terminal"] is not None and not c["use_flow_sigmas"]:
+      raise ConfigError("shift_terminal is only supported with use_flow_sigmas=true.")
+    if not c["predict_x0"] and c["prediction_type"] == "flow_prediction":
+      raise ConfigError("prediction_type 'flow_prediction' needs predict_x0=true.")
+
+  def _sigmas_and_timesteps(self, n: int) -> Tuple[np.ndarray, np.ndarray]:
+    c, T = self.config, self.num_train_timesteps
+    ac = self.alphas_cumprod
+    ts = _solver_timesteps(c["timestep_spacing"], T, T, n, c["steps_offset"])
+    sigmas = np.sqrt((F32(1) - ac) / ac)
+    log_sigmas = np.log(sigmas)
+    respaced = _respaced_sigmas(c, np.flip(sigmas).copy(), n)
+    if respaced is not None:
+      sigmas = respaced
+      if c["use_karras_sigmas"] and c["use_flow_sigmas"]:
+        sigmas = sigmas / (sigmas + 1)
+        ts = (sigmas * T).copy()
+      else:
+        ts = _sigma_to_t(sigmas, log_sigmas)
+        ts = ts.round() if c["use_karras_sigmas"] else ts
+      sigma_min = sigmas[-1]
+    elif c["use_flow_sigmas"]:
+      sigmas = np.linspace(1, 1 / T, n + 1)[:-1]
+      shift = c["flow_shift"]
+      sigmas = shift * sigmas / (1 + (shift - 1) * sigmas)
+      if c["shift_terminal"]:   # stretch_shift_to_terminal
+        one_minus_z = 1 - sigmas
+        sigmas = 1 - (one_minus_z / (one_minus_z[-1] / (1 - c["shift_terminal"])))
+      if np.fabs(sigmas[0] - 1) < 1e-6:
+        sigmas[0] -= 1e-6
+      ts = (sigmas * T).copy()
+      sigma_min = sigmas[-1]
+    else:
+      sigmas = np.interp(ts, np.arange(0, len(sigmas)), sigmas)
+      sigma_min = np.sqrt((F32(1) - ac[0]) / ac[0])
+    last = sigma_min if c["final_sigmas_type"] == "sigma_min" else 0
+    return np.concatenate([sigmas, [last]]).astype(F32), np.asarray(ts).astype(np.int64)
+
+  def _interval(self, i: int, order: int, alpha, sigma, lam) -> Dict[str, Any]:
+    """Interval i's coefficients at `order`, in diffusers' float32 order (multistep_uni_*)."""
+    c = self.config
+    one = F32(1)
+    a_t, s_t, a_s, s_s = alpha[i + 1], sigma[i + 1], alpha[i], sigma[i]
+    h = lam[i + 1] - lam[i]
+    rks = np.array([(lam[i - k] - lam[i]) / h for k in range(1, order)] + [one], F32)
+    hh = -h if c["predict_x0"] else h
+    h_phi_1 = np.expm1(hh)
+    h_phi_k = h_phi_1 / hh - one
+    b_h = hh if c["solver_type"] == "bh1" else np.expm1(hh)
+    r_rows, b = [], []
+    factorial_i = 1
+    for k in range(1, order + 1):
+      r_rows.append(rks ** (k - 1))
+      b.append(h_phi_k * factorial_i / b_h)
+      factorial_i *= k + 1
+      h_phi_k = h_phi_k / hh - F32(1 / factorial_i)
+    r_mat, b = np.stack(r_rows).astype(F32), np.array(b, F32)
+    try:
+      rho_p = (np.array([0.5], F32) if order == 2 else
+               np.linalg.solve(r_mat[:-1, :-1], b[:-1]) if order > 2 else np.zeros(0, F32))
+      rho_c = np.array([0.5], F32) if order == 1 else np.linalg.solve(r_mat, b)
+    except np.linalg.LinAlgError:
+      raise ConfigError(f"UniPCMultistepScheduler: repeated sigmas around step {i} make the "
+                        "solver's system singular (diffusers' torch.linalg.solve fails too): "
+                        "use fewer steps or another sigma spacing.") from None
+    out_scale = a_t if c["predict_x0"] else s_t
+    return {"c_x": s_t / s_s if c["predict_x0"] else a_t / a_s,
+            "c_m": -(out_scale * h_phi_1), "c_res": out_scale * b_h,
+            "rk": rks[:-1], "rho_p": rho_p.astype(F32), "rho_c": rho_c.astype(F32)}
+
+  def plan(self, num_inference_steps: int, eta: float = 0.0) -> Plan:
+    del eta
+    c = self.config
+    sigmas, ts = self._sigmas_and_timesteps(self._check_steps(num_inference_steps))
+    n = len(ts)
+    alpha, sigma = _vp_alpha_sigma(sigmas, c["use_flow_sigmas"])
+    K = int(c["solver_order"])
+    disabled = set(int(k) for k in c["disable_corrector"])
+    pred = {k: np.zeros(n, F32) for k in ("c_x", "c_m", "c_res")}
+    pred.update(rk=np.ones((n, K - 1), F32), rho_p=np.zeros((n, K - 1), F32))
+    corr = {k: np.zeros(n, F32) for k in ("cc_x", "cc_m", "cc_res", "rho_t")}
+    corr.update(c_rk=np.ones((n, K - 1), F32), rho_c=np.zeros((n, K - 1), F32),
+                corr=np.zeros(n, np.int32))
+    # A zero final sigma makes the last lambda infinite: expm1(-inf) = -1, the exact limit.
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+      lam = np.log(alpha) - np.log(sigma)
+      for i in range(n):
+        order = min(K, n - i if c["lower_order_final"] else K, i + 1)
+        row = self._interval(i, order, alpha, sigma, lam)
+        for k in ("c_x", "c_m", "c_res"):
+          pred[k][i] = row[k]
+        pred["rk"][i, :order - 1] = row["rk"]
+        pred["rho_p"][i, :order - 1] = row["rho_p"]
+        if i + 1 < n:   # the next step's corrector redoes this interval at this order
+          for k in ("c_x", "c_m", "c_res"):
+            corr["c" + k][i + 1] = row[k]
+          corr["c_rk"][i + 1, :order - 1] = row["rk"]
+          corr["rho_c"][i + 1, :order - 1] = row["rho_c"][:-1]
+          corr["rho_t"][i + 1] = row["rho_c"][-1]
+          corr["corr"][i + 1] = i not in disabled
+    tables = {**pred, **corr, "alpha": alpha[:n], "sigma": sigma[:n], "sigmas": sigmas[:n]}
+    return _make_plan(ts, tables, num_inference_steps=n)
+
+  def init_state(self, plan, sample):
+    K = int(self.config["solver_order"])
+    return {"history": jnp.zeros((K,) + sample.shape, jnp.float32),
+            "last_sample": jnp.zeros(sample.shape, jnp.float32)}
+
+  def _convert(self, tb, mo, x):
+    """diffusers' convert_model_output: x0 (predict_x0) or the noise."""
+    c = self.config
+    a, s = tb["alpha"], tb["sigma"]
+    pred = c["prediction_type"]
+    if c["predict_x0"]:
+      if pred == "epsilon":
+        x0 = (x - s * mo) / a
+      elif pred == "sample":
+        x0 = mo
+      elif pred == "v_prediction":
+        x0 = a * x - s * mo
+      else:
+        x0 = x - tb["sigmas"] * mo
+      if c["thresholding"]:
+        x0 = _threshold(x0, c["dynamic_thresholding_ratio"], c["sample_max_value"])
+      return x0
+    if pred == "epsilon":
+      return mo
+    if pred == "sample":
+      return (x - a * mo) / s
+    return a * mo + s * x
+
+  def step(self, plan, i, model_output, sample, state, rng=None):
+    tb = {k: v[i] for k, v in plan.tables.items()}
+    mo, x = _as_f32((model_output, sample))
+    m = self._convert(tb, mo, x)
+    history = state["history"]   # m_{i-K} .. m_{i-1}
+    K = history.shape[0]
+
+    def residual(rho, rk, outputs, m_ref):
+      res = jnp.zeros_like(m_ref)
+      for k in range(1, K):
+        res = res + rho[k - 1] * ((outputs[-1 - k] - m_ref) / rk[k - 1])
+      return res
+
+    # UniC: x_i again, from x_{i-1} over interval i-1, with m_i (the uncorrected x_i's output).
+    m_prev = history[-1]
+    res = residual(tb["rho_c"], tb["c_rk"], history, m_prev)
+    corrected = (tb["cc_x"] * state["last_sample"] + tb["cc_m"] * m_prev
+                 - tb["cc_res"] * (res + tb["rho_t"] * (m - m_prev)))
+    x = jnp.where(tb["corr"] > 0, corrected, x)
+    # UniP: x_{i+1} from the (corrected) x_i.
+    history = jnp.concatenate([history[1:], m[None]])
+    res = residual(tb["rho_p"], tb["rk"], history, m)
+    prev = tb["c_x"] * x + tb["c_m"] * m - tb["c_res"] * res
+    return prev.astype(sample.dtype), {"history": history, "last_sample": x}
+
+
 # ----------------------------------------------------------------------------- Euler
 
 def _euler_timesteps_f32(spacing: str, T: int, n: int, offset: int) -> np.ndarray:
@@ -888,10 +1279,31 @@ class _EulerBase(Scheduler):
       return float(max_sigma)
     return float(np.sqrt(max_sigma * max_sigma + F32(1)))
 
+  @staticmethod
+  def _input_tables(s: np.ndarray) -> Dict[str, np.ndarray]:
+    """The sigma of each evaluation, its model-input scale and v-prediction factors."""
+    return {"sigma": s, "scale": np.sqrt(s * s + F32(1)), "v_out": -s / np.sqrt(s * s + F32(1)),
+            "v_skip": s * s + F32(1)}
+
   def _tables(self, sigmas: np.ndarray, n: int) -> Dict[str, np.ndarray]:
-    s = sigmas[:n]
-    return {"sigma": s, "sigma_next": sigmas[1:n + 1], "scale": np.sqrt(s * s + F32(1)),
-            "v_out": -s / np.sqrt(s * s + F32(1)), "v_skip": s * s + F32(1)}
+    return {**self._input_tables(sigmas[:n]), "sigma_next": sigmas[1:n + 1]}
+
+  def _k_sigmas(self, n: int, karras_range: bool = True, round_karras: bool = False
+                ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Heun / LMS / KDPM2 set_timesteps: (n sigmas and a final 0 in float32, the n timesteps,
+    the train log-sigmas), sigmas interpolated at the timesteps or respaced over their range."""
+    c, T = self.config, self.num_train_timesteps
+    ts = _euler_timesteps_f32(c["timestep_spacing"], T, n, c["steps_offset"])
+    ac = self.alphas_cumprod
+    sigmas = np.sqrt((F32(1) - ac) / ac)
+    log_sigmas = np.log(sigmas)
+    sigmas = np.interp(ts, np.arange(0, len(sigmas)), sigmas)
+    respaced = _respaced_sigmas(c, sigmas, n, karras_range)
+    if respaced is not None:
+      sigmas = respaced
+      ts = _sigma_to_t(sigmas, log_sigmas)
+      ts = ts.round() if round_karras and c["use_karras_sigmas"] else ts
+    return np.concatenate([sigmas, [0.0]]).astype(F32), ts, log_sigmas
 
   def scale_model_input(self, plan, i, sample):
     return (sample.astype(jnp.float32) / plan.tables["scale"][i]).astype(sample.dtype)
@@ -924,13 +1336,7 @@ class EulerDiscreteScheduler(_EulerBase):
       raise ConfigError(f"EulerDiscreteScheduler: interpolation_type "
                         f"{c['interpolation_type']!r} is not implemented; known: "
                         "['linear', 'log_linear'].")
-    if c["final_sigmas_type"] not in ("zero", "sigma_min"):
-      raise ConfigError(f"final_sigmas_type must be 'zero' or 'sigma_min', got "
-                        f"{c['final_sigmas_type']!r}.")
-    if sum(bool(c[k]) for k in ("use_beta_sigmas", "use_exponential_sigmas",
-                                "use_karras_sigmas")) > 1:
-      raise ConfigError("Only one of use_beta_sigmas, use_exponential_sigmas, "
-                        "use_karras_sigmas can be set.")
+    _check_sigma_options(c)
 
   def plan(self, num_inference_steps: int, eta: float = 0.0) -> Plan:
     del eta
@@ -965,7 +1371,7 @@ class EulerDiscreteScheduler(_EulerBase):
   def step(self, plan, i, model_output, sample, state, rng=None):
     tb = {k: v[i] for k, v in plan.tables.items()}
     mo, x = _as_f32((model_output, sample))
-    sigma_hat = tb["sigma"] * 1.0   # sigma (gamma + 1) with s_churn = 0
+    sigma_hat = tb["sigma"]   # sigma (gamma + 1), gamma = 0 without s_churn
     x0 = self._x0(tb, mo, x, sigma_hat)
     derivative = (x - x0) / sigma_hat
     prev = x + derivative * (tb["sigma_next"] - sigma_hat)
@@ -1010,11 +1416,192 @@ class EulerAncestralDiscreteScheduler(_EulerBase):
     return prev.astype(sample.dtype), state
 
 
+_K_DEFAULTS = {   # Heun's and KDPM2's (Stable Diffusion's betas by default)
+    "num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
+    "beta_schedule": "linear", "trained_betas": None,
+}
+
+
+class HeunDiscreteScheduler(_EulerBase):
+  """Karras et al. 2022 Algorithm 1 with s_churn = 0 (Heun's second order in sigma).
+
+  Every step but the last takes two evaluations: an Euler step to the next sigma, then a
+  second evaluation there whose derivative is averaged with the first to redo the step. The
+  timesteps repeat each one after the first (2n - 1 evaluations); evaluation j's parity picks
+  the branch (even: Euler, odd: correction), as diffusers' `state_in_first_order`.
+  """
+  class_name = "HeunDiscreteScheduler"
+  DEFAULTS = {
+      **_K_DEFAULTS, "prediction_type": "epsilon", "use_karras_sigmas": False,
+      "use_exponential_sigmas": False, "use_beta_sigmas": False, "clip_sample": False,
+      "clip_sample_range": 1.0, "timestep_spacing": "linspace", "steps_offset": 0,
+  }
+  BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "exp")
+  PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+  def _validate(self):
+    super()._validate()
+    _check_sigma_spacing(self.config)
+
+  def plan(self, num_inference_steps: int, eta: float = 0.0) -> Plan:
+    del eta
+    n = self._check_steps(num_inference_steps)
+    sigmas, ts, _ = self._k_sigmas(n)
+    sigmas = np.concatenate([sigmas[:1], np.repeat(sigmas[1:-1], 2), sigmas[-1:]])   # 2n
+    ts = np.concatenate([ts[:1], np.repeat(ts[1:], 2)]).astype(F32)
+    first = np.arange(len(ts)) % 2 == 0
+    dt = sigmas[1:] - sigmas[:-1]
+    tables = {**self._input_tables(sigmas[:-1]), "first": first.astype(np.int32),
+              "dt": np.where(first, dt, np.roll(dt, 1))}   # the correction reuses the Euler dt
+    return _make_plan(ts, tables, num_inference_steps=n,
+                      init_noise_sigma=self._init_noise_sigma(sigmas))
+
+  def init_state(self, plan, sample):
+    z = jnp.zeros(sample.shape, jnp.float32)
+    return {"derivative": z, "sample": z}
+
+  def step(self, plan, i, model_output, sample, state, rng=None):
+    tb = {k: v[i] for k, v in plan.tables.items()}
+    mo, x = _as_f32((model_output, sample))
+    x0 = self._x0(tb, mo, x, tb["sigma"])
+    if self.config["clip_sample"]:
+      x0 = jnp.clip(x0, -self.config["clip_sample_range"], self.config["clip_sample_range"])
+    derivative = (x - x0) / tb["sigma"]
+    euler = x + derivative * tb["dt"]
+    heun = state["sample"] + ((state["derivative"] + derivative) / 2) * tb["dt"]
+    prev = jnp.where(tb["first"] > 0, euler, heun)
+    return prev.astype(sample.dtype), {"derivative": derivative, "sample": x}
+
+
+def _lms_coefficients(sigmas: np.ndarray, n: int, order: int) -> np.ndarray:
+  """(n, order) float32: step i's weight of the derivative of step i - k.
+
+  diffusers integrates the Lagrange basis polynomials of sigma_i .. sigma_{i-o+1}
+  (o = min(i + 1, order)) over [sigma_i, sigma_{i+1}] with scipy's quad, whose 21-point
+  Gauss-Kronrod rule is exact on them (degree < order); a Gauss-Legendre rule of order // 2 + 1
+  nodes is exact too, and runs on all steps at once (float64).
+  """
+  s = sigmas.astype(np.float64)
+  nodes, weights = np.polynomial.legendre.leggauss(order // 2 + 1)
+  steps = np.arange(n)
+  lo, hi = s[steps], s[steps + 1]
+  half = (hi - lo) / 2
+  tau = half[:, None] * nodes + ((lo + hi) / 2)[:, None]   # (n, nodes)
+  out = np.zeros((n, order))
+  with np.errstate(divide="ignore", invalid="ignore"):
+    for o in range(1, order + 1):
+      rows = steps[np.minimum(steps + 1, order) == o]
+      for k in range(o):
+        basis = np.ones((len(rows), len(nodes)))
+        for m in range(o):
+          if m != k:
+            basis *= ((tau[rows] - s[rows - m, None]) / (s[rows - k, None] - s[rows - m, None]))
+        out[rows, k] = half[rows] * (basis @ weights)
+  return out.astype(F32)
+
+
+class LMSDiscreteScheduler(_EulerBase):
+  """Linear multistep in sigma (k-diffusion `sample_lms`): x' = x + sum_k c_k d_{i-k} over the
+  last `order` derivatives d = (x - x0) / sigma (order 4, diffusers' step default; fewer at
+  the start). The plan holds the integrated coefficients (`_lms_coefficients`)."""
+  class_name = "LMSDiscreteScheduler"
+  DEFAULTS = {
+      **_COMMON, "use_karras_sigmas": False, "use_exponential_sigmas": False,
+      "use_beta_sigmas": False, "prediction_type": "epsilon", "timestep_spacing": "linspace",
+      "steps_offset": 0,
+  }
+
+  def _validate(self):
+    super()._validate()
+    _check_sigma_spacing(self.config)
+
+  def plan(self, num_inference_steps: int, eta: float = 0.0, order: int = 4) -> Plan:
+    """`order` is diffusers' `step(..., order=4)` argument."""
+    del eta
+    n = self._check_steps(num_inference_steps)
+    if int(order) < 1:
+      raise ConfigError(f"LMSDiscreteScheduler: order must be >= 1, got {order}.")
+    sigmas, ts, _ = self._k_sigmas(n, karras_range=False)   # its karras ignores sigma_min/max
+    tables = {**self._input_tables(sigmas[:n]), "lms": _lms_coefficients(sigmas, n, int(order))}
+    return _make_plan(np.asarray(ts).astype(F32), tables, num_inference_steps=n,
+                      init_noise_sigma=self._init_noise_sigma(sigmas))
+
+  def init_state(self, plan, sample):
+    return {"derivatives": jnp.zeros((plan.tables["lms"].shape[1] - 1,) + sample.shape,
+                                     jnp.float32)}   # d_{i-1}, d_{i-2}, ...
+
+  def step(self, plan, i, model_output, sample, state, rng=None):
+    tb = {k: v[i] for k, v in plan.tables.items()}
+    mo, x = _as_f32((model_output, sample))
+    derivative = (x - self._x0(tb, mo, x, tb["sigma"])) / tb["sigma"]
+    history = jnp.concatenate([derivative[None], state["derivatives"]])
+    update = tb["lms"][0] * derivative
+    for k in range(1, history.shape[0]):
+      update = update + tb["lms"][k] * history[k]
+    prev = x + update
+    return prev.astype(sample.dtype), {"derivatives": history[:-1]}
+
+
+class KDPM2DiscreteScheduler(_EulerBase):
+  """Karras et al. 2022's DPM-Solver-2 (k-diffusion `sample_dpm_2`).
+
+  Every step but the last evaluates at sigma_k, takes an Euler step to the geometric midpoint
+  of sigma_k and sigma_{k+1}, evaluates there and redoes the whole step from x_k with the
+  midpoint's derivative: 2n - 1 evaluations, the midpoints' timesteps interleaved with the
+  steps' (diffusers' `sigmas_interpol`, `timesteps_interpol`). The last step is Euler to 0.
+  """
+  class_name = "KDPM2DiscreteScheduler"
+  DEFAULTS = {
+      **_K_DEFAULTS, "use_karras_sigmas": False, "use_exponential_sigmas": False,
+      "use_beta_sigmas": False, "prediction_type": "epsilon", "timestep_spacing": "linspace",
+      "steps_offset": 0,
+  }
+  PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+  def _validate(self):
+    super()._validate()
+    _check_sigma_spacing(self.config)
+
+  def plan(self, num_inference_steps: int, eta: float = 0.0) -> Plan:
+    del eta
+    n = self._check_steps(num_inference_steps)
+    sigmas, ts, log_sigmas = self._k_sigmas(n, round_karras=True)
+    with np.errstate(divide="ignore", invalid="ignore"):
+      # torch's log().lerp(roll(1).log(), 0.5).exp(): end - (end - start) * 0.5; entry k is
+      # the midpoint of sigma_k and sigma_{k-1} (entry 0 unused, entry n 0).
+      log_s = np.log(sigmas)
+      log_prev = np.roll(log_s, 1)
+      mids = np.exp(log_prev - (log_prev - log_s) * F32(0.5))
+    ts_mid = _sigma_to_t(mids[1:-1], log_sigmas)
+    ts_all = np.concatenate([ts[:1], np.stack([ts_mid, ts[1:]], -1).reshape(-1)]).astype(F32)
+    k = np.arange(len(ts_all)) // 2
+    first = np.arange(len(ts_all)) % 2 == 0
+    mid_next = mids[k + 1]
+    sigma_in = np.where(first, sigmas[k], mid_next)
+    dt = np.where(first, mid_next - sigmas[k], sigmas[k + 1] - sigmas[k])
+    tables = {**self._input_tables(sigma_in), "first": first.astype(np.int32), "dt": dt}
+    return _make_plan(ts_all, tables, num_inference_steps=n,
+                      init_noise_sigma=self._init_noise_sigma(sigmas))
+
+  def init_state(self, plan, sample):
+    return {"sample": jnp.zeros(sample.shape, jnp.float32)}
+
+  def step(self, plan, i, model_output, sample, state, rng=None):
+    tb = {k: v[i] for k, v in plan.tables.items()}
+    mo, x = _as_f32((model_output, sample))
+    derivative = (x - self._x0(tb, mo, x, tb["sigma"])) / tb["sigma"]
+    start = jnp.where(tb["first"] > 0, x, state["sample"])
+    prev = start + derivative * tb["dt"]
+    return prev.astype(sample.dtype), {"sample": start}
+
+
 # ----------------------------------------------------------------------------- registry
 
 SCHEDULERS: Dict[str, type] = {cls.class_name: cls for cls in (
     DDIMScheduler, DDPMScheduler, PNDMScheduler, DPMSolverMultistepScheduler,
-    EulerDiscreteScheduler, EulerAncestralDiscreteScheduler)}
+    DPMSolverSinglestepScheduler, UniPCMultistepScheduler, EulerDiscreteScheduler,
+    EulerAncestralDiscreteScheduler, HeunDiscreteScheduler, LMSDiscreteScheduler,
+    KDPM2DiscreteScheduler)}
 
 ALIASES = {
     "ddim": "DDIMScheduler",
@@ -1028,6 +1615,13 @@ ALIASES = {
     "euler": "EulerDiscreteScheduler",
     "euler_a": "EulerAncestralDiscreteScheduler",
     "euler_ancestral": "EulerAncestralDiscreteScheduler",
+    "dpm_single": "DPMSolverSinglestepScheduler",
+    "dpm_singlestep": "DPMSolverSinglestepScheduler",
+    "unipc": "UniPCMultistepScheduler",
+    "heun": "HeunDiscreteScheduler",
+    "lms": "LMSDiscreteScheduler",
+    "kdpm2": "KDPM2DiscreteScheduler",
+    "dpm2": "KDPM2DiscreteScheduler",
 }
 
 

@@ -30,6 +30,7 @@ class UViTBlock(nn.Module):
   qkv_bias: bool = False
   skip: bool = False
   dtype: jnp.dtype = jnp.float32
+  norm_eps: float = 1e-6
 
   @nn.compact
   def __call__(self, x, skip=None):
@@ -38,8 +39,8 @@ class UViTBlock(nn.Module):
       x = nn.Dense(d, kernel_init=_trunc, dtype=self.dtype, name="skip_linear")(
           jnp.concatenate([x, skip], axis=-1))
     x = x + Attention(d, self.num_heads, qkv_bias=self.qkv_bias, dtype=self.dtype,
-                      name="attn")(nn.LayerNorm(name="norm1")(x))
-    h = nn.LayerNorm(name="norm2")(x)
+                      name="attn")(nn.LayerNorm(epsilon=self.norm_eps, name="norm1")(x))
+    h = nn.LayerNorm(epsilon=self.norm_eps, name="norm2")(x)
     h = nn.Dense(int(d * self.mlp_ratio), kernel_init=_trunc, dtype=self.dtype, name="fc1")(h)
     h = nn.Dense(d, kernel_init=_trunc, dtype=self.dtype, name="fc2")(
         nn.gelu(h, approximate=False))
@@ -61,6 +62,12 @@ class UViT(nn.Module):
   learn_sigma: bool = False
   out_channels: Optional[int] = None
   dtype: jnp.dtype = jnp.float32
+  # LayerNorm epsilon of every norm. U-ViT and efficientvit's UViT use torch's default 1e-5
+  # (jaxgen.convert.efficientvit_diffusion sets it); 1e-6 is flax's default, kept for the
+  # models trained here.
+  norm_eps: float = 1e-6
+  # Hidden width of the time MLP (mlp_time_embed); None: hidden_size. U-ViT's is 4 hidden_size.
+  time_embed_hidden: Optional[int] = None
 
   @nn.compact
   def __call__(self, x, t, y, train: bool = False):
@@ -78,7 +85,8 @@ class UViT(nn.Module):
     patches = nn.Conv(d, (p, p), strides=p, padding="VALID", dtype=self.dtype,
                       name="patch_embed")(x).reshape(b, gh * gw, d)
     if self.mlp_time_embed:
-      time_token = TimestepEmbedder(d, frequency_dim=d, dtype=self.dtype, name="time_embed")(t)
+      time_token = TimestepEmbedder(d, frequency_dim=d, hidden_dim=self.time_embed_hidden,
+                                    dtype=self.dtype, name="time_embed")(t)
     else:
       time_token = sinusoidal_embedding(t, d).astype(patches.dtype)
     label_token = LabelEmbedder(self.num_classes, d, dtype=self.dtype, name="label_emb")(y)
@@ -87,7 +95,7 @@ class UViT(nn.Module):
     tokens = tokens + self.param("pos_embed", _trunc, (1, extras + gh * gw, d))
 
     block = lambda name, skip=False: UViTBlock(d, self.num_heads, self.mlp_ratio, self.qkv_bias,
-                                               skip, self.dtype, name=name)
+                                               skip, self.dtype, self.norm_eps, name=name)
     skips = []
     for i in range(self.depth // 2):
       tokens = block(f"in_blocks_{i}")(tokens)
@@ -96,7 +104,7 @@ class UViT(nn.Module):
     for i in range(self.depth // 2):
       tokens = block(f"out_blocks_{i}", self.skip)(tokens, skips.pop())
 
-    tokens = nn.LayerNorm(name="norm")(tokens)
+    tokens = nn.LayerNorm(epsilon=self.norm_eps, name="norm")(tokens)
     out = nn.Dense(p * p * out_channels, kernel_init=_trunc, dtype=self.dtype,
                    name="decoder_pred")(tokens)[:, extras:]
     out = out.reshape(b, gh, gw, p, p, out_channels).transpose(0, 1, 3, 2, 4, 5)

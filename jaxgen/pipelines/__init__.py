@@ -17,6 +17,8 @@ from jaxgen.errors import WeightsError
 # model_index.json `_class_name` -> "module:class".
 DIFFUSERS_PIPELINES = {
     "DiTPipeline": "jaxgen.pipelines.dit:DiTPipeline",
+    # Written by `python -m jaxgen.convert --src=pytorch_model.bin` (FastComposer's release).
+    "FastComposerPipeline": "jaxgen.pipelines.fastcomposer:FastComposerPipeline",
     "StableDiffusionPipeline": "jaxgen.pipelines.stable_diffusion:StableDiffusionPipeline",
 }
 # The DC-AE paper's checkpoints (a config.json, no model_index.json).

@@ -22,15 +22,17 @@ model.safetensors, `jaxgen.convert.efficientvit_diffusion`) and samples as effic
   original integer timesteps; eps = uncond + s (cond - uncond) on the latent channels, the
   variance half from the conditional pass (`jaxgen.diffusion.samplers`, spacing
   "guided_diffusion");
-* decode: autoencoder.decode(latents / scaling_factor), then x / 2 + 0.5 clipped to [0, 1]
-  (efficientvit's uint8 is clamp(127.5 x + 128), i.e. floor(255 y + 0.5) of these images).
+* decode: autoencoder.decode(latents / scaling_factor), then x / 2 + 0.5 clipped to [0, 1];
+  `to_uint8` as efficientvit's clamp(127.5 x + 128), i.e. floor(255 y + 0.5) of these images.
+
+`guided_denoiser` is the one guided evaluation each sampler calls (and export serialises).
 
 The DiT sampler draws fresh noise every step. This pipeline's loop gets only the initial
 latents, so image i's step noise comes from a key folded from the bits of its own initial
 latent: deterministic, independent of the batch it runs in (not torch's generator stream).
 """
 
-from typing import Callable, Optional
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -109,10 +111,6 @@ class DCAEDiffusionPipeline(ClassConditionalPipeline):
 
   # -- the pure functions ------------------------------------------------------------------------
 
-  def initial_latents(self, rng, batch: int) -> jax.Array:
-    """N(0, I) latents (batch, h, w, c), efficientvit's torch.randn in NHWC."""
-    return jax.random.normal(rng, (batch,) + self.latent_shape, jnp.float32)
-
   def _backbone(self, variables, x, t, labels):
     t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (x.shape[0],))
     out = self.backbone.apply(variables["backbone"], x.astype(self.dtype), t,
@@ -124,6 +122,33 @@ class DCAEDiffusionPipeline(ClassConditionalPipeline):
     USiT velocity at t in [0, 1] (0 noise, 1 data), DiT [noise, variance] (2C channels) at the
     integer timesteps 0 .. 999."""
     return self._backbone(self.variables, jnp.asarray(x, jnp.float32), t, labels)
+
+  def guided_denoiser(self, variables, x, t, labels, guidance_scale: float):
+    """One guided evaluation in the checkpoint's units (see `denoiser`), guidance whenever
+    the scale is not 1, the null class num_classes, each as efficientvit writes it: UViT
+    (UViT.generate's model_fn) cond + (s - 1)(cond - uncond); USiT and DiT (forward_with_cfg)
+    uncond + s (cond - uncond) on the latent channels, DiT's variance half from the
+    conditional pass."""
+    x = jnp.asarray(x, jnp.float32)
+    labels = jnp.asarray(labels, jnp.int32)
+    if guidance_scale == 1.0:
+      return self._backbone(variables, x, t, labels)
+    b, c = x.shape[0], self.latent_channels
+    t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (b,))
+    out = self._backbone(variables, jnp.concatenate([x, x]), jnp.concatenate([t, t]),
+                         jnp.concatenate([labels, jnp.full_like(labels, self.num_classes)]))
+    cond, uncond = out[:b, ..., :c], out[b:, ..., :c]
+    if self.sampler == "DPM_Solver":
+      guided = cond + (guidance_scale - 1.0) * (cond - uncond)
+    else:
+      guided = uncond + guidance_scale * (cond - uncond)
+    return jnp.concatenate([guided, out[:b, ..., c:]], axis=-1)
+
+  def to_uint8(self, images: np.ndarray) -> np.ndarray:
+    """efficientvit's clamp(127.5 x + 128, 0, 255).to(uint8) of x = 2 y - 1, i.e.
+    floor(255 y + 0.5) (its Evaluator and torchvision's save_image of the demo agree)."""
+    y = np.asarray(images, np.float32)
+    return np.clip(np.floor(255.0 * y + 0.5), 0, 255).astype(np.uint8)
 
   def step_noise(self, latents: jax.Array) -> Callable[[jax.Array], jax.Array]:
     """The DiT sampler's fresh noise: i -> (B, h, w, c) for grid point i, per image from
@@ -142,54 +167,27 @@ class DCAEDiffusionPipeline(ClassConditionalPipeline):
                         f"{list(known)} (default {known[0]}).")
     latents = jnp.asarray(latents, jnp.float32)
     labels = jnp.asarray(labels, jnp.int32)
-    null = jnp.full_like(labels, self.num_classes)
+    scale = float(guidance_scale)
+    model = lambda x, t: self.guided_denoiser(variables, x, t, labels, scale)
     if self.sampler == "DPM_Solver":
-      return self._dpm_solver(variables, latents, labels, null, float(guidance_scale),
-                              int(num_inference_steps))
+      table = dpm_solver.plan(uvit_betas(), int(num_inference_steps), order=3, method="fast",
+                              skip_type="time_uniform", t_start=1.0,
+                              t_end=1.0 / NUM_TRAIN_STEPS, predict_x0=True)
+      # UViT.generate's model_fn: the network sees t = t_continuous * N.
+      return dpm_solver.sample(lambda x, t: model(x, t * NUM_TRAIN_STEPS), latents, table,
+                               predict_x0=True)
     if self.sampler == "ODE_dopri5":
-      return self._flow_ode(variables, latents, labels, null, float(guidance_scale))
-    return self._gaussian_diffusion(variables, latents, labels, null, float(guidance_scale),
-                                    int(num_inference_steps), name)
-
-  def _dpm_solver(self, variables, latents, labels, null, scale, steps):
-    table = dpm_solver.plan(uvit_betas(), steps, order=3, method="fast",
-                            skip_type="time_uniform", t_start=1.0,
-                            t_end=1.0 / NUM_TRAIN_STEPS, predict_x0=True)
-
-    def noise(x, t_continuous):
-      t = t_continuous * NUM_TRAIN_STEPS
-      if scale == 1.0:
-        return self._backbone(variables, x, t, labels)
-      b = x.shape[0]
-      out = self._backbone(variables, jnp.concatenate([x, x]), jnp.concatenate([t, t]),
-                           jnp.concatenate([labels, null]))
-      cond, uncond = out[:b], out[b:]
-      return cond + (scale - 1.0) * (cond - uncond)
-
-    return dpm_solver.sample(noise, latents, table, predict_x0=True)
-
-  def _flow_ode(self, variables, latents, labels, null, scale):
-    def velocity(t, x):  # efficientvit forward_with_cfg on the doubled batch, one half kept
-      if scale == 1.0:
-        return self._backbone(variables, x, t, labels)
-      b = x.shape[0]
-      out = self._backbone(variables, jnp.concatenate([x, x]), jnp.concatenate([t, t]),
-                           jnp.concatenate([labels, null]))
-      cond, uncond = out[:b], out[b:]
-      return uncond + scale * (cond - uncond)
-
-    return dopri5.solve(velocity, latents, 0.0, 1.0, rtol=ODE_RTOL, atol=ODE_ATOL)
-
-  def _gaussian_diffusion(self, variables, latents, labels, null, scale, steps, method):
-    if method == "ddpm" and not self.converted.fields["learn_sigma"]:
+      return dopri5.solve(lambda t, x: model(x, t), latents, 0.0, 1.0, rtol=ODE_RTOL,
+                          atol=ODE_ATOL)
+    if name == "ddpm" and not self.converted.fields["learn_sigma"]:
       raise ConfigError("guided-diffusion's DDPM sampler of efficientvit's DiT needs a "
                         "learn_sigma model (2C output channels); use scheduler='ddim'.")
-    model_fn = lambda x, t, y: self._backbone(variables, x, t, y)
+    # Guidance is inside `model` already (samplers.sample's own is left off).
     return samplers.sample(
-        model_fn, None, latents.shape, labels, dit_schedule(), method=method, num_steps=steps,
-        guidance_scale=scale, uncond=None if scale == 1.0 else null, prediction="eps",
-        clip_x0=False, learned_variance=method == "ddpm", spacing="guided_diffusion",
-        x_init=latents, step_noise=self.step_noise(latents) if method == "ddpm" else None)
+        lambda x, t, _: model(x, t), None, latents.shape, None, dit_schedule(), method=name,
+        num_steps=int(num_inference_steps), prediction="eps", clip_x0=False,
+        learned_variance=name == "ddpm", spacing="guided_diffusion", x_init=latents,
+        step_noise=self.step_noise(latents) if name == "ddpm" else None)
 
   def decode(self, variables, latents):
     z = (jnp.asarray(latents, jnp.float32) / self.scaling_factor).astype(self.dtype)
