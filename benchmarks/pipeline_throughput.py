@@ -12,10 +12,9 @@ decode them. Reported: images/s (median over repeats, compilation excluded for j
 untimed warm-up call for both) and the max abs difference of the two sets of images.
 
 --memory adds, for each published pipeline at batch 1 (DiT-XL/2 256 and 512 with the SD-VAE;
-the DC-AE paper's f32c32 + UViT-H / DiT-XL and f64c128 + UViT-H at 512 when
-jaxgen.pipelines.dcae_diffusion is present), the compiled peak per device of the whole
-sampler + decode program (XLA's memory analysis, weights included; compiled from abstract
-weights, nothing is allocated).
+the DC-AE paper's f32c32 + UViT-H / DiT-XL and f64c128 + UViT-H at 512), the weights and the
+peak resident memory of a fresh process sampling one image (zero weights, 2 steps: the scan
+keeps the peak independent of the step count), on this machine's device.
 """
 
 import argparse
@@ -50,6 +49,7 @@ def parse_args(argv=None):
   p.add_argument("--memory", action="store_true")
   p.add_argument("--skip_torch", action="store_true", help="time jaxgen only")
   p.add_argument("--json", default=None)
+  p.add_argument("--rss_index", type=int, default=None, help=argparse.SUPPRESS)
   return p.parse_args(argv)
 
 
@@ -77,20 +77,21 @@ def time_call(fn, repeats: int):
   return statistics.median(times)
 
 
-def memory_rows(dtype: str):
-  """(pipeline, GiB per device at batch 1) of the published pipelines, from abstract weights."""
-  import jax  # pylint: disable=g-import-not-at-top
+def published_pipelines(dtype: str):
+  """[(name, pipeline)] of the published pipelines with abstract weights (nothing allocated)."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
   from jaxgen.convert import dit as dit_convert  # pylint: disable=g-import-not-at-top
+  from jaxgen.convert import efficientvit_diffusion  # pylint: disable=g-import-not-at-top
   from jaxgen.convert import vae_kl as vae_convert  # pylint: disable=g-import-not-at-top
   from jaxgen.diffusion import schedulers  # pylint: disable=g-import-not-at-top
   from jaxgen.models.vae_kl import vae_kl  # pylint: disable=g-import-not-at-top
+  from jaxgen.pipelines.dcae_diffusion import DCAEDiffusionPipeline  # pylint: disable=g-import-not-at-top
   from jaxgen.pipelines.dit import DiTPipeline  # pylint: disable=g-import-not-at-top
   from jaxgen.sharding import make_mesh  # pylint: disable=g-import-not-at-top
-  import ml_collections  # pylint: disable=g-import-not-at-top
-  rows = []
   mesh = make_mesh(ml_collections.ConfigDict({"num_devices": 1}))
   sched = schedulers.from_config({"_class_name": "DDIMScheduler", "beta_schedule": "linear",
                                   "clip_sample": False})
+  out = []
   for res in (256, 512):
     config = {"num_attention_heads": 16, "attention_head_dim": 72, "in_channels": 4,
               "out_channels": 8, "num_layers": 28, "sample_size": res // 8, "patch_size": 2,
@@ -99,22 +100,52 @@ def memory_rows(dtype: str):
     vae = vae_kl(**SD_VAE)
     variables = {"transformer": dit_convert.abstract_variables(transformer, 4, res // 8),
                  "vae": vae_convert.abstract_variables(vae)}
-    pipe = DiTPipeline(transformer, config, vae, SD_VAE, sched, variables, dtype=dtype,
-                       mesh=mesh)
-    rows.append((f"DiT-XL/2 {res} + SD-VAE (50 DDIM steps, cfg 4)",
-                 pipe.compiled_peak_bytes(1) / 2 ** 30))
-  from jaxgen.convert import efficientvit_diffusion  # pylint: disable=g-import-not-at-top
-  from jaxgen.pipelines.dcae_diffusion import DCAEDiffusionPipeline  # pylint: disable=g-import-not-at-top
+    out.append((f"DiT-XL/2 {res} + SD-VAE (DDIM, cfg 4)",
+                DiTPipeline(transformer, config, vae, SD_VAE, sched, variables, dtype=dtype,
+                            mesh=mesh)))
   for name in DCAE_MODELS:
     pipe = DCAEDiffusionPipeline(efficientvit_diffusion.abstract_checkpoint(name), dtype=dtype,
                                  mesh=mesh)
-    rows.append((f"{name} ({pipe.default_steps} steps, cfg {pipe.default_guidance:g})",
-                 pipe.compiled_peak_bytes(1) / 2 ** 30))
+    out.append((f"{name} (cfg {pipe.default_guidance:g})", pipe))
+  return out
+
+
+def measure_rss(index: int, dtype: str) -> dict:
+  """In this (fresh) process: pipeline `index` with zero weights sampling one image in 2 steps;
+  peak resident memory above the process's after the imports and the weights."""
+  import resource  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  name, pipe = published_pipelines(dtype)[index]
+  weights = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(pipe.variables))
+  pipe.variables = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), pipe.variables)
+  jax.block_until_ready(pipe.variables)
+  before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+  pipe([1], num_inference_steps=2)
+  peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+  return {"pipeline": name, "weights_gib": weights / 2 ** 30,
+          "peak_rss_gib": peak / 2 ** 30, "above_weights_gib": (peak - before) / 2 ** 30}
+
+
+def memory_rows(dtype: str):
+  """Batch-1 memory of each published pipeline, each measured in a fresh subprocess (XLA:CPU's
+  memory analysis reports arguments only, no temporaries, so the resident peak is measured)."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  rows = []
+  for i in range(len(DCAE_MODELS) + 2):
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.pipeline_throughput",
+                           f"--rss_index={i}", f"--dtype={dtype}"], capture_output=True,
+                          text=True, check=True)
+    rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
   return rows
 
 
 def main(argv=None):
   args = parse_args(argv)
+  if args.rss_index is not None:
+    print(json.dumps(measure_rss(args.rss_index, args.dtype)))
+    return
   import jax  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
   from jaxgen.pipelines import load_pipeline  # pylint: disable=g-import-not-at-top
@@ -161,7 +192,7 @@ def main(argv=None):
                   torch_threads=torch.get_num_threads(),
                   max_abs_diff=float(np.max(np.abs(ours["images"] - theirs["images"]))))
   if args.memory:
-    result["batch1_memory_gib"] = dict(memory_rows(args.dtype))
+    result["batch1_memory"] = memory_rows(args.dtype)
   print(json.dumps(result, indent=1))
   if args.json:
     with open(args.json, "w") as f:

@@ -3,6 +3,9 @@
   python -m jaxgen.generate --model=DIR --labels=207,360 [--label_names="golden retriever"]
       [--num_per_label=4 --steps=25 --guidance=4 --scheduler=dpmpp_2m --seed=0 --out=DIR]
       [--batch_size=N --max_memory_gb=G --dtype=bfloat16]
+  python -m jaxgen.generate --model=DIR --prompt="a photo of a cat" [--prompt=...]
+      [--negative_prompt="blurry"] [--num_per_prompt=4 --height=512 --width=512]
+      [--guidance_rescale=0.7 --clip_skip=1 --steps=25 --guidance=7.5 --scheduler=ddim ...]
   python -m jaxgen.generate --model=DIR --eval --num_samples=N --reference_stats=X.npz
       [--config.eval.inception_weights=pt_inception-2015-12-05-6726825d.pth]
       [--config.eval.metrics=fid,is,pr]
@@ -13,7 +16,10 @@ with a labelled row per class (`grid.png`) and `images.npz` (uint8 images, label
 draws `num_samples` images with balanced labels (0, 1, ..., K-1, 0, ...) and scores them with
 jaxgen's metrics against `--reference_stats` (mu, sigma[, features] as pytorch-fid's
 --save-stats or jaxgen writes them; precision/recall and KID need the features); the result goes
-to OUT/eval.json. Bad input prints one `error:` line and exits with status 2.
+to OUT/eval.json. Text-to-image pipelines (Stable Diffusion) take `--prompt` (repeat the flag
+for several prompts; `--negative_prompt` once for all or once per prompt) and write
+`{index:05d}.png`, a grid with a row per prompt and `images.npz` (uint8 images, prompts). Bad
+input prints one `error:` line and exits with status 2.
 """
 
 import os
@@ -45,6 +51,14 @@ flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Parameter / acti
 flags.DEFINE_bool("eval", False, "Score num_samples images with jaxgen's metrics.")
 flags.DEFINE_integer("num_samples", 1000, "Images for --eval.")
 flags.DEFINE_string("reference_stats", "", "Reference statistics (.npz) for --eval.")
+flags.DEFINE_multi_string("prompt", [], "Text prompt (text-to-image pipelines); repeatable.")
+flags.DEFINE_multi_string("negative_prompt", [], "Negative prompt: one for all prompts or one "
+                          "per prompt (default: the empty prompt).")
+flags.DEFINE_integer("num_per_prompt", 1, "Images per prompt.")
+flags.DEFINE_integer("height", None, "Image height (text-to-image; default: the model's).")
+flags.DEFINE_integer("width", None, "Image width (text-to-image; default: the model's).")
+flags.DEFINE_float("guidance_rescale", 0.0, "Guidance rescale (Lin et al. 2023; text-to-image).")
+flags.DEFINE_integer("clip_skip", None, "Text-encoder layers to skip (text-to-image).")
 
 
 def eval_config() -> ml_collections.ConfigDict:
@@ -88,6 +102,52 @@ def write_images(out: str, images_u8: np.ndarray, labels: np.ndarray, pipe) -> D
   np.savez(tmp, images=images_u8, labels=labels)
   os.replace(tmp, npz)  # A reader never sees a partial file.
   return {"grid": grid, "npz": npz}
+
+
+def write_prompt_images(out: str, images_u8: np.ndarray, prompts: Sequence[str]
+                        ) -> Dict[str, str]:
+  """One PNG per image, a grid with a row per prompt (its first words to the left) and
+  images.npz (uint8 images, the prompt of each)."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from jaxgen import visualize  # pylint: disable=g-import-not-at-top
+  os.makedirs(out, exist_ok=True)
+  for i, image in enumerate(images_u8):
+    Image.fromarray(image).save(os.path.join(out, f"{i:05d}.png"))
+  distinct = list(dict.fromkeys(prompts))
+  prompts = np.asarray(prompts)
+  grid = os.path.join(out, "grid.png")
+  visualize.save_labelled_grid(grid, [images_u8[prompts == p] for p in distinct],
+                               [p if len(p) <= 32 else p[:29] + "..." for p in distinct])
+  npz = os.path.join(out, "images.npz")
+  tmp = npz + ".tmp.npz"
+  np.savez(tmp, images=images_u8, prompts=prompts)
+  os.replace(tmp, npz)  # A reader never sees a partial file.
+  return {"grid": grid, "npz": npz}
+
+
+def generate_from_prompts(pipe, kwargs: Dict) -> int:
+  """The text-to-image branch of `run`: --prompt (and --negative_prompt) -> images."""
+  if FLAGS.eval or FLAGS.labels or FLAGS.label_names:
+    raise ConfigError("--eval, --labels and --label_names need a class-conditional pipeline; "
+                      f"{FLAGS.model} takes --prompt.")
+  if not FLAGS.prompt:
+    raise ConfigError(f"{FLAGS.model} is a text-to-image pipeline: pass --prompt=TEXT (repeat "
+                      "the flag for several prompts).")
+  negative = FLAGS.negative_prompt
+  if len(negative) > 1 and len(negative) != len(FLAGS.prompt):
+    raise ConfigError(f"{len(negative)} --negative_prompt flags for {len(FLAGS.prompt)} "
+                      "prompts: pass one for all prompts or one per prompt.")
+  n = len(FLAGS.prompt) * FLAGS.num_per_prompt
+  images = pipe(FLAGS.prompt, negative_prompt=(negative[0] if len(negative) == 1 else
+                                               negative or None),
+                num_images_per_prompt=FLAGS.num_per_prompt, height=FLAGS.height,
+                width=FLAGS.width, guidance_rescale=FLAGS.guidance_rescale,
+                clip_skip=FLAGS.clip_skip, seed=FLAGS.seed,
+                progress=progress_printer(f"generating {n} images", n), **kwargs)
+  prompts = list(np.repeat(FLAGS.prompt, FLAGS.num_per_prompt))
+  paths = write_prompt_images(FLAGS.out, pipe.to_uint8(images), prompts)
+  print(f"wrote {n} images to {FLAGS.out} (grid: {paths['grid']})", flush=True)
+  return 0
 
 
 def progress_printer(what: str, total: int):
@@ -151,10 +211,16 @@ def run(argv: List[str]) -> int:
                       "diffusion checkpoint).")
   from jaxgen.metrics import evaluate  # pylint: disable=g-import-not-at-top
   from jaxgen.pipelines import load_pipeline  # pylint: disable=g-import-not-at-top
+  from jaxgen.pipelines.base import ClassConditionalPipeline  # pylint: disable=g-import-not-at-top
   pipe = load_pipeline(FLAGS.model, dtype=FLAGS.dtype)
   kwargs = dict(num_inference_steps=FLAGS.steps, guidance_scale=FLAGS.guidance,
                 scheduler=FLAGS.scheduler, batch_size=FLAGS.batch_size,
                 max_memory_gb=FLAGS.max_memory_gb)
+  if not isinstance(pipe, ClassConditionalPipeline):
+    return generate_from_prompts(pipe, kwargs)
+  if FLAGS.prompt:
+    raise ConfigError(f"{FLAGS.model} is a class-conditional pipeline: pass --labels or "
+                      "--label_names, not --prompt.")
   if FLAGS.eval:
     result = dict(model=FLAGS.model, **evaluate_pipeline(
         pipe, _CONFIG.value, FLAGS.num_samples, FLAGS.reference_stats,

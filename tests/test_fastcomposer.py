@@ -213,9 +213,10 @@ def test_frozen_text_encoder_gets_no_update():
   new = update(params)
   changed = lambda a, b: bool(jax.tree_util.tree_reduce(
       lambda acc, x: acc or x, jax.tree_util.tree_map(lambda u, v: bool((u != v).any()), a, b)))
-  assert not changed(new["encoder"]["text_model"], params["encoder"]["text_model"])
-  assert changed(new["encoder"]["vision_model"], params["encoder"]["vision_model"])
-  assert changed(new["unet"], params["unet"]) and changed(new["postfuse"], params["postfuse"])
+  assert not changed(new["text_encoder"], params["text_encoder"])
+  assert changed(new["image_encoder"], params["image_encoder"])
+  assert changed(new["unet"], params["unet"])
+  assert changed(new["postfuse_module"], params["postfuse_module"])
 
 
 def test_batched_generation_pads_and_shards_over_the_mesh():

@@ -11,6 +11,11 @@ plus an orbax checkpoint of the variables. The source's config.json picks the co
   `model_name`   an original efficientvit DC-AE checkpoint (a DCAE_HF directory; also a bare
                  .safetensors or .pt file, with `--name` naming the variant)
 
+A file holding FastComposer's released state dict (mit-han-lab/fastcomposer pytorch_model.bin,
+read with torch.load(weights_only=True)) becomes a pipeline directory for
+`jaxgen.pipelines.load_pipeline` instead (`jaxgen.convert.fastcomposer.write_pipeline`);
+`--tokenizer=DIR` copies a CLIP tokenizer folder (SD-1.5's tokenizer/) into it.
+
 Sharded weights (`*.safetensors.index.json` + shards) are read too. Load the result with
 `jaxgen.convert.load_converted(DST)`; `python -m jaxgen.reconstruct --checkpoint=DST` and
 `autoencoder.init_from=DST` read converted autoencoders. Bad input (a missing, empty or
@@ -27,11 +32,12 @@ import numpy as np
 
 from jaxgen.errors import ConfigError, cli
 
-USAGE = "usage: python -m jaxgen.convert --src=DIR --dst=DIR [--name=VARIANT]"
+USAGE = ("usage: python -m jaxgen.convert --src=DIR --dst=DIR [--name=VARIANT] "
+         "[--tokenizer=DIR]")
 
 
 def parse_args(argv: List[str]):
-  args = {"src": None, "dst": None, "name": None}
+  args = {"src": None, "dst": None, "name": None, "tokenizer": None}
   for arg in argv:
     if arg in ("-h", "--help"):
       print(__doc__)
@@ -48,6 +54,14 @@ def parse_args(argv: List[str]):
 @cli
 def main(argv: List[str]) -> int:
   args = parse_args(argv)
+  from jaxgen.convert import fastcomposer  # pylint: disable=g-import-not-at-top
+  if fastcomposer.handles(args["src"]):
+    dst = fastcomposer.write_pipeline(args["src"], args["dst"], tokenizer=args["tokenizer"])
+    note = "" if args["tokenizer"] else (" (no tokenizer/: copy SD-1.5's tokenizer folder there, "
+                                         "or pass --tokenizer=DIR)")
+    print(f"converted the FastComposer release {args['src']} to the pipeline directory "
+          f"{dst}{note}", flush=True)
+    return 0
   from jaxgen.convert.saved import convert_any, save_converted  # pylint: disable=g-import-not-at-top
   module, variables, kind = convert_any(args["src"], args["name"])
   dst = save_converted(args["dst"], module, variables, source=f"{kind}: {args['src']}")

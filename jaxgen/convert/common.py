@@ -328,3 +328,39 @@ def check_complete(converted: Mapping, expected: Mapping, unused_source_keys=())
   if problems:
     raise WeightsError("weights do not match the model config; " + "; ".join(problems) +
                        ". Check that config.json belongs to these weights.")
+
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")  # torch.save files (zip or legacy pickle)
+
+
+def read_state_dict(path: str) -> Dict[str, np.ndarray]:
+  """{name: np.ndarray} of a single-file PyTorch state dict, floating tensors as float32.
+
+  A .safetensors file goes through `read_safetensors`; a torch.save file (.bin / .pt / .pth /
+  .ckpt) through `torch.load(weights_only=True)`: tensors and plain containers only, so a
+  pickle that would run code (or build any other object) is refused (WeightsError), as is a
+  file that is no state dict.
+  """
+  if path.endswith(".safetensors") or path.endswith(".index.json"):
+    return read_safetensors(path)
+  _check_readable_file(path, "a PyTorch state dict (torch.save) or a .safetensors file")
+  import zipfile  # pylint: disable=g-import-not-at-top
+  try:
+    import torch  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    raise WeightsError(f"reading {path} needs torch (pip install torch); or save the state dict "
+                       "as .safetensors where torch is installed") from None
+  try:
+    # weights_only: no code runs while unpickling. mmap (zip files): tensors are read on use.
+    state = torch.load(path, map_location="cpu", weights_only=True,
+                       mmap=zipfile.is_zipfile(path))
+  except Exception as e:  # pylint: disable=broad-except
+    raise WeightsError(f"{path}: not loadable with torch.load(weights_only=True) "
+                       f"({describe_exception(e)}); expected a tensor state dict (a pickle "
+                       "that would run code is refused; truncated by a download?)") from None
+  tensors = state if isinstance(state, Mapping) else {}
+  tensors = {k: v for k, v in tensors.items() if isinstance(k, str) and torch.is_tensor(v)}
+  if not tensors:
+    raise WeightsError(f"{path} holds a {type(state).__name__} without tensors, not a state "
+                       "dict {name: tensor}")
+  return {k: (v.float() if v.is_floating_point() else v).numpy() for k, v in tensors.items()}

@@ -154,12 +154,17 @@ def convert_any(path: str, name: Optional[str] = None):
   A directory's config.json picks the converter: `_class_name` -> diffusers
   (`jaxgen.convert.from_diffusers`), `model_type` -> transformers (`from_transformers`),
   `model_name` (or no config.json, or a file) -> the original efficientvit DC-AE layout, whose
-  variant `name` gives when nothing else does.
+  variant `name` gives when nothing else does. A .bin file, or a file holding FastComposer's
+  state dict, is FastComposer's release (`jaxgen.convert.fastcomposer`).
   """
   if not os.path.exists(path):
     what = f"is a broken link to {os.readlink(path)}" if os.path.islink(path) else "does not exist"
     raise WeightsError(f"{path} {what}; expected a diffusers or transformers model "
                        "directory (config.json + safetensors weights) or a DC-AE checkpoint")
+  from jaxgen.convert import fastcomposer  # pylint: disable=g-import-not-at-top
+  if fastcomposer.handles(path):  # FastComposer's single-file release (pytorch_model.bin).
+    module, variables = fastcomposer.from_release(path)
+    return module, variables, "FastComposer release"
   config_path = os.path.join(path, "config.json")
   config = {}
   if os.path.isdir(path) and os.path.lexists(config_path):

@@ -1,20 +1,30 @@
 """FastComposer (Xiao et al. 2023, arXiv 2305.10431): tuning-free multi-subject generation.
 
-Top to bottom, as mit-han-lab/fastcomposer's model.py:
+The module tree follows mit-han-lab/fastcomposer's `FastComposerModel` (fastcomposer/model.py),
+so its released `pytorch_model.bin` loads name for name (`jaxgen.convert.fastcomposer`):
 
-  caption "a 3 <|image|> on the left ..." -> ids, marker removed, the noun positions flagged
-  text encoder (CLIP text, `jaxgen.models.clip`) -> per-token states T (B, L, D)
-  subject crops (B, S, h, w, c) -> CLIP image encoder (pooled + visual projection) -> E (B, S, P)
-  at each flagged position p of subject s (`PostfuseMLP`, FastComposerPostfuseModule):
-      T[p] <- LN(MLP2(MLP1([T[p], E[s]]) + T[p]))        MLP = LN -> fc1 -> GELU -> fc2
-  U-Net with cross-attention (`jaxgen.models.unet.UNet`, context_dim = D) denoises with the
-  augmented states as its context.
+  text_encoder     CLIP text tower, no projection (FastComposerTextEncoder; `jaxgen.models.clip`)
+                   ids -> per-token states T (B, L, D) after the final LayerNorm
+  image_encoder    CLIP vision tower + visual_projection (FastComposerCLIPImageEncoder):
+                   subject crops (B, S, h, w, c) -> [resized to the tower's size, bilinear with
+                   antialiasing, and normalised by `image_mean` / `image_std` when those are set,
+                   as the official wrapper does] -> pooled post-LN class token -> projection
+                   -> E (B, S, P)
+  postfuse_module  at each flagged noun position p of subject s (FastComposerPostfuseModule):
+                   T[p] <- LN(MLP2(MLP1([T[p], E[s]]) + T[p]))  with MLP = LN -> fc1 -> GELU
+                   -> fc2 (+ its input for MLP2)
+  unet             cross-attention U-Net on the augmented states: jaxgen's own `UNet` (the
+                   digit-canvas model trained here) or diffusers' `UNet2DConditionModel` (the
+                   SD-1.5 release)
+  vae              optional SD-VAE (`jaxgen.models.vae_kl`) for latent-space models; None for
+                   pixel-space ones
 
 `FastComposer.apply(v, x, t, cond)` is the training forward (cond: a dict of the batch's
 input_ids, subject_images, subject_positions, subject_valid; see jaxgen.data.subjects).
 Inference splits it: `method="encode"` gives (text-only context, subject-augmented context)
 once per prompt, `method="denoise"` runs the U-Net on a context per step, which is what delayed
-subject conditioning needs (text-only context for the first steps; jaxgen.tasks.fastcomposer).
+subject conditioning needs (text-only context for the first steps; jaxgen.tasks.fastcomposer,
+jaxgen.pipelines.fastcomposer).
 
 Cross-attention maps, at training and at inference: apply "denoise" with
 `mutable=["attention_maps"]`; `cross_attention_maps` wraps that and returns
@@ -25,7 +35,7 @@ Frozen towers: `train_text_encoder` / `train_image_encoder` False stop the gradi
 output (the task also excludes their weights from the optimizer, `frozen_paths`).
 """
 
-from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import flax.linen as nn
 import jax
@@ -34,8 +44,14 @@ import jax.numpy as jnp
 from jaxgen.errors import ConfigError
 from jaxgen.models.clip import CLIPModel, clip
 from jaxgen.models.unet import UNet
+from jaxgen.models.unet2d_condition import UNet2DConditionModel, unet2d_condition
+from jaxgen.models.vae_kl import AutoencoderKL, vae_kl
 from jaxgen.nn.transformer import ATTENTION_MAPS, recorded_maps
 from jaxgen.registry import MODELS
+
+# The official image encoder's normalisation (openai CLIP's), applied inside the encoder.
+CLIP_IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 class MLP(nn.Module):
@@ -80,38 +96,77 @@ def fuse_subjects(fuse, text, image_embeds, positions, valid):
 
 
 class FastComposer(nn.Module):
-  """CLIP text + image encoders, the post-fuse MLP and a cross-attention U-Net."""
-  encoder: CLIPModel  # Both towers; the vision tower's visual projection gives E.
-  unet: UNet          # context_dim = the text width; label_conditioning "none".
+  """CLIP text and image encoders, the post-fuse MLP, a cross-attention U-Net (+ a VAE)."""
+  text_encoder: CLIPModel   # The text tower (projection unused).
+  image_encoder: CLIPModel  # The vision tower and its visual projection (gives E).
+  unet: Union[UNet, UNet2DConditionModel]  # Context width = the text width.
+  vae: Optional[AutoencoderKL] = None      # Latent-space models only.
   train_text_encoder: bool = False
   train_image_encoder: bool = True
+  image_mean: Optional[Sequence[float]] = None  # Subject pixel normalisation (per channel),
+  image_std: Optional[Sequence[float]] = None   # inside the image encoder; None: as given.
   dtype: Any = jnp.float32
 
   def setup(self):
-    self.postfuse = PostfuseMLP(self.dtype)
+    self.postfuse_module = PostfuseMLP(self.dtype)
 
   def text_states(self, input_ids):
     """(B, L, D) text-encoder states: the text-only context."""
-    states = self.encoder.text_hidden_states(input_ids)
+    states = self.text_encoder.text_hidden_states(input_ids)
     return states if self.train_text_encoder else jax.lax.stop_gradient(states)
 
   def subject_embeddings(self, subject_images):
-    """(B, S, h, w, c) crops -> (B, S, P) projected CLIP image embeddings."""
+    """(B, S, h, w, c) crops -> (B, S, P) projected CLIP image embeddings.
+
+    As FastComposerCLIPImageEncoder: crops of another size are resized to the tower's (bilinear,
+    antialiased), then normalised with image_mean / image_std when the model has them.
+    """
     b, s = subject_images.shape[:2]
-    embeds = self.encoder.encode_image(subject_images.reshape((b * s,) + subject_images.shape[2:]))
+    pixels = subject_images.reshape((b * s,) + subject_images.shape[2:])
+    size = self.image_encoder.vision_model.image_size
+    if pixels.shape[1:3] != (size, size):
+      pixels = jax.image.resize(pixels.astype(jnp.float32), (b * s, size, size, pixels.shape[3]),
+                                "linear", antialias=True)
+    if self.image_mean is not None:
+      mean = jnp.asarray(self.image_mean, jnp.float32)
+      std = jnp.asarray(self.image_std if self.image_std is not None else 1.0, jnp.float32)
+      pixels = (pixels - mean) / std
+    embeds = self.image_encoder.encode_image(pixels)
     embeds = embeds if self.train_image_encoder else jax.lax.stop_gradient(embeds)
     return embeds.reshape(b, s, -1)
+
+  def fuse(self, text, subject_embeds, subject_positions, subject_valid):
+    """The text states with each valid subject fused into its noun token (postfuse_module)."""
+    return fuse_subjects(self.postfuse_module, text, subject_embeds, subject_positions,
+                         subject_valid)
 
   def encode(self, input_ids, subject_images, subject_positions, subject_valid):
     """(text-only context, subject-augmented context), each (B, L, D)."""
     text = self.text_states(input_ids)
     embeds = self.subject_embeddings(subject_images)
-    return text, fuse_subjects(self.postfuse, text, embeds, subject_positions, subject_valid)
+    return text, self.fuse(text, embeds, subject_positions, subject_valid)
 
   def denoise(self, x, t, context, train: bool = False):
     """The U-Net's prediction for x_t at timesteps t, cross-attending to `context`."""
+    if isinstance(self.unet, UNet2DConditionModel):
+      return self.unet(x, t, context, train=train)
     y = jnp.zeros((x.shape[0],), jnp.int32)  # The U-Net ignores labels (label_conditioning none).
     return self.unet(x, t, y, train=train, context=context)
+
+  def encode_latents(self, images, rng: Optional[jax.Array] = None):
+    """Images in [-1, 1] -> VAE latents times the scaling factor (a posterior sample with rng,
+    as the official training draws one; else the mean)."""
+    return self._vae().encode(images, rng=rng) * self._vae().scaling_factor
+
+  def decode_latents(self, latents):
+    """Scaled latents -> images in [-1, 1]."""
+    return self._vae().decode(latents / self._vae().scaling_factor)
+
+  def _vae(self) -> AutoencoderKL:
+    if self.vae is None:
+      raise ConfigError("this FastComposer has no VAE (a pixel-space model); latents need "
+                        "model.vae (the SD-VAE of a latent-space model)")
+    return self.vae
 
   def __call__(self, x, t, cond: Mapping[str, jax.Array], train: bool = False):
     _, context = self.encode(cond["input_ids"], cond["subject_images"],
@@ -120,12 +175,12 @@ class FastComposer(nn.Module):
 
 
 def frozen_paths(model: FastComposer) -> Tuple[Tuple[str, ...], ...]:
-  """Parameter path prefixes that the optimizer must not update."""
-  out = []
+  """Parameter path prefixes that the optimizer must not update (a VAE is always frozen)."""
+  out = [("vae",)] if model.vae is not None else []
   if not model.train_text_encoder:
-    out += [("encoder", "text_model"), ("encoder", "text_projection")]
+    out.append(("text_encoder",))
   if not model.train_image_encoder:
-    out += [("encoder", "vision_model"), ("encoder", "visual_projection")]
+    out.append(("image_encoder",))
   return tuple(out)
 
 
@@ -183,17 +238,39 @@ def localization_loss(maps: Mapping[str, jax.Array], positions, valid, masks):
 @MODELS.register("fastcomposer")
 def fastcomposer(text_config: Mapping, vision_config: Mapping, unet: Mapping,
                  projection_dim: int = 64, train_text_encoder: bool = False,
-                 train_image_encoder: bool = True, dtype: Any = jnp.float32) -> FastComposer:
+                 train_image_encoder: bool = True, vae: Optional[Mapping] = None,
+                 image_mean: Optional[Sequence[float]] = None,
+                 image_std: Optional[Sequence[float]] = None,
+                 dtype: Any = jnp.float32) -> FastComposer:
   """FastComposer from config dicts: CLIP `text_config` / `vision_config` (transformers keys;
-  jaxgen.models.clip) and the U-Net's fields (`context_dim` is set to the text width and
-  `label_conditioning` to "none")."""
-  encoder = clip(text_config=dict(text_config), vision_config=dict(vision_config),
-                 projection_dim=projection_dim, dtype=dtype)
-  unet_kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in dict(unet).items()}
-  width = encoder.text_model.hidden_size
-  if unet_kwargs.get("context_dim", width) != width:
-    raise ConfigError(f"model.unet.context_dim must equal the text width {width} (or be unset)")
-  unet_kwargs.update(context_dim=width, label_conditioning="none", dtype=dtype)
-  unet_kwargs.setdefault("num_classes", 0)
-  return FastComposer(encoder, UNet(**unet_kwargs), train_text_encoder, train_image_encoder,
-                      dtype)
+  jaxgen.models.clip; the image embedding has `projection_dim` features), the U-Net's and
+  optionally the VAE's.
+
+  `unet` with `_class_name` "UNet2DConditionModel" (a diffusers config, as the release's
+  SD-1.5 U-Net) builds `jaxgen.models.unet2d_condition`, whose `cross_attention_dim` must be the
+  text width; else jaxgen's `UNet` fields (`context_dim` is set to the text width and
+  `label_conditioning` to "none"). `vae`: diffusers AutoencoderKL keys (latent-space models).
+  """
+  text_encoder = clip(text_config=dict(text_config), vision_config=None, projection_dim=None,
+                      dtype=dtype)
+  image_encoder = clip(text_config=None, vision_config=dict(vision_config),
+                       projection_dim=projection_dim, dtype=dtype)
+  width = text_encoder.text_model.hidden_size
+  unet = dict(unet)
+  if unet.get("_class_name") == "UNet2DConditionModel":
+    unet_module = unet2d_condition(**dict(unet, dtype=dtype))
+    dims = set(unet_module.plan().cross_attention_dim)
+    if dims != {width}:
+      raise ConfigError(f"model.unet.cross_attention_dim {sorted(dims)} must equal the text "
+                        f"width {width}")
+  else:
+    unet_kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in unet.items()}
+    if unet_kwargs.get("context_dim", width) != width:
+      raise ConfigError(f"model.unet.context_dim must equal the text width {width} (or be unset)")
+    unet_kwargs.update(context_dim=width, label_conditioning="none", dtype=dtype)
+    unet_kwargs.setdefault("num_classes", 0)
+    unet_module = UNet(**unet_kwargs)
+  vae_module = vae_kl(**dict(vae, dtype=dtype)) if vae else None
+  as_tuple = lambda v: None if v is None else tuple(float(x) for x in v)
+  return FastComposer(text_encoder, image_encoder, unet_module, vae_module, train_text_encoder,
+                      train_image_encoder, as_tuple(image_mean), as_tuple(image_std), dtype)

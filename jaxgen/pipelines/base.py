@@ -47,10 +47,15 @@ def resolve_dtype(dtype: Union[str, Any, None]):
 
 
 def cast_floats(tree, dtype):
-  """Floating leaves of a parameter tree cast to `dtype` (integer leaves kept)."""
-  return jax.tree.map(
-      lambda x: x.astype(dtype) if jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating) else x,
-      tree)
+  """Floating leaves of a parameter tree cast to `dtype` (integer leaves kept); abstract
+  leaves (ShapeDtypeStructs) get the new dtype."""
+  def cast(x):
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+      return x
+    if isinstance(x, jax.ShapeDtypeStruct):
+      return jax.ShapeDtypeStruct(x.shape, dtype)
+    return jnp.asarray(x).astype(dtype)
+  return jax.tree.map(cast, tree)
 
 
 def label_map(id2label: Optional[Mapping[Any, str]]) -> Dict[str, int]:

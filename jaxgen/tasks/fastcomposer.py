@@ -83,7 +83,7 @@ class FastComposerTask(DiffusionTask):
     self.source = subjects.MnistSubjects(config.data)
     self.tokenizer = self.source.tokenizer
     self.null_ids = self.tokenizer.encode("")  # The unconditional (empty) caption.
-    text = self.model.encoder.text_model
+    text = self.model.text_encoder.text_model
     if text.vocab_size < self.tokenizer.vocab_size or (
         text.max_position_embeddings < self.tokenizer.max_length):
       raise ConfigError(

@@ -5,6 +5,9 @@ DIR is one of
                           of a DiTPipeline, else `unet/`) is converted
   a diffusers model       config.json with `_class_name`, read by `jaxgen.convert.from_diffusers`
   a converted directory   written by `python -m jaxgen.convert`, read by `load_converted`
+  FastComposer's release  its pytorch_model.bin, or the pipeline directory the convert CLI
+                          makes of it: all components (text / image encoders, unet, vae,
+                          postfuse_module), named as `jaxgen.models.fastcomposer.FastComposer`
 
 `jaxgen.train.loop.build` calls `warm_start` right after a fresh run's initialisation; a workdir
 that has a checkpoint resumes from it and init_from is not read (`note_resumed` says so). The
@@ -47,7 +50,11 @@ _MAX_NAMES = 40  # Parameter names listed per log line.
 def load_weights(path: str) -> Tuple[Any, Dict, str]:
   """(module, variables, description) of the weights in `path` (a form the module doc lists)."""
   from jaxgen.convert import from_diffusers, load_converted  # pylint: disable=g-import-not-at-top
+  from jaxgen.convert import fastcomposer  # pylint: disable=g-import-not-at-top
   from jaxgen.convert.saved import is_converted  # pylint: disable=g-import-not-at-top
+  if fastcomposer.handles(path):  # FastComposer's released pytorch_model.bin: every component.
+    module, variables = fastcomposer.from_release(path)
+    return module, variables, f"the FastComposer release {path}"
   if not os.path.isdir(path):
     raise ConfigError(f"{KEY}={path}: no such directory; pass a diffusers pipeline or model "
                       "directory, or one written by python -m jaxgen.convert")
@@ -58,6 +65,9 @@ def load_weights(path: str) -> Tuple[Any, Dict, str]:
   if os.path.isfile(index_path):
     with open(index_path) as f:
       index = json.load(f)
+    if index.get("_class_name") == fastcomposer.PIPELINE_CLASS:  # All components, not the unet.
+      module, variables = fastcomposer.from_pipeline_dir(path)
+      return module, variables, f"the FastComposer pipeline {path}"
     present = [c for c in DENOISER_COMPONENTS
                if isinstance(index.get(c), list) and any(index[c])]
     if not present:
