@@ -20,14 +20,16 @@ import numpy as np
 import pytest
 import torch
 from diffusers.schedulers import (scheduling_ddpm, scheduling_dpmsolver_multistep,
+                                  scheduling_dpmsolver_singlestep,
                                   scheduling_euler_ancestral_discrete)
 
 from jaxgen.diffusion import schedulers as S
 from jaxgen.errors import ConfigError
 
-# diffusers' own deprecation notices (dpmsolver / sde-dpmsolver, np.array of a tensor).
+# diffusers' own deprecation notices (dpmsolver / sde-dpmsolver, numpy on torch tensors).
 pytestmark = [pytest.mark.filterwarnings("ignore:.*deprecated:FutureWarning"),
-              pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")]
+              pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning"),
+              pytest.mark.filterwarnings("ignore:__array_wrap__ must:DeprecationWarning")]
 
 SHAPE = (2, 4, 8, 8)
 RS = np.random.RandomState(0)
@@ -118,12 +120,12 @@ def patched_noise(monkeypatch):
   """diffusers' randn_tensor returns `holder["noise"]` (set per step by the loop)."""
   holder = {}
   for module in (scheduling_ddpm, scheduling_dpmsolver_multistep,
-                 scheduling_euler_ancestral_discrete):
+                 scheduling_dpmsolver_singlestep, scheduling_euler_ancestral_discrete):
     monkeypatch.setattr(module, "randn_tensor", lambda *a, **k: holder["noise"].clone())
   return holder
 
 
-def diffusers_loop(ref, n, model, holder=None, eta=0.0, use_clipped=False):
+def diffusers_loop(ref, n, model, holder=None, eta=0.0, use_clipped=False, lms_order=4):
   """diffusers' pipeline loop; with `holder`, step i draws the noise `denoise` draws."""
   ref.set_timesteps(n)
   eps_noise = noises(len(ref.timesteps)) if holder is not None else None
@@ -137,6 +139,8 @@ def diffusers_loop(ref, n, model, holder=None, eta=0.0, use_clipped=False):
       kwargs = {"eta": eta, "use_clipped_model_output": use_clipped}
       if eta > 0:
         kwargs["variance_noise"] = eps_noise[i]
+    if isinstance(ref, diffusers.LMSDiscreteScheduler):
+      kwargs = {"order": lms_order}
     x = ref.step(out, t, x, **kwargs).prev_sample
   return x.numpy()
 
@@ -222,6 +226,47 @@ LOOPS = [
     ("EulerAncestralDiscreteScheduler", {"prediction_type": "v_prediction",
                                          "rescale_betas_zero_snr": True,
                                          "timestep_spacing": "trailing"}, 25, {}),
+    ("UniPCMultistepScheduler", {}, 7, {}),
+    ("UniPCMultistepScheduler", {"solver_order": 3, "timestep_spacing": "leading",
+                                 "steps_offset": 1, **SD_BETAS}, 25, {}),
+    ("UniPCMultistepScheduler", {"solver_order": 1, "timestep_spacing": "trailing",
+                                 "prediction_type": "v_prediction",
+                                 "rescale_betas_zero_snr": True}, 7, {}),
+    ("UniPCMultistepScheduler", {"solver_type": "bh1", "final_sigmas_type": "sigma_min",
+                                 "solver_order": 3, "lower_order_final": False,
+                                 **SD_BETAS}, 10, {}),
+    # Noise prediction (predict_x0=False) amplifies float32 rounding: with the default betas'
+    # large sigma_max, diffusers' own float32 and float64 loops differ by ~1e-5 x scale.
+    ("UniPCMultistepScheduler", {"predict_x0": False, "final_sigmas_type": "sigma_min",
+                                 "prediction_type": "sample", "use_exponential_sigmas": True,
+                                 **SD_BETAS}, 10, {}),
+    ("UniPCMultistepScheduler", {"disable_corrector": [0, 3], "use_karras_sigmas": True,
+                                 "prediction_type": "sample", "thresholding": True}, 10, {}),
+    ("UniPCMultistepScheduler", {"use_flow_sigmas": True, "flow_shift": 3.0,
+                                 "shift_terminal": 0.1, "solver_order": 3,
+                                 "prediction_type": "flow_prediction"}, 10, {}),
+    ("DPMSolverSinglestepScheduler", {}, 7, {}),
+    ("DPMSolverSinglestepScheduler", {"solver_order": 3, "solver_type": "heun", **SD_BETAS},
+     25, {}),
+    ("DPMSolverSinglestepScheduler", {"algorithm_type": "sde-dpmsolver++", "solver_order": 3,
+                                      "use_karras_sigmas": True}, 10, {}),
+    ("DPMSolverSinglestepScheduler", {"algorithm_type": "dpmsolver", "lower_order_final": False,
+                                      "final_sigmas_type": "sigma_min",
+                                      "prediction_type": "v_prediction"}, 10, {}),
+    ("HeunDiscreteScheduler", {}, 7, {}),
+    ("HeunDiscreteScheduler", {"use_karras_sigmas": True, "prediction_type": "v_prediction",
+                               "timestep_spacing": "trailing"}, 10, {}),
+    ("HeunDiscreteScheduler", {"prediction_type": "sample", "clip_sample": True,
+                               "beta_schedule": "exp", "timestep_spacing": "leading",
+                               "steps_offset": 1}, 6, {}),
+    ("LMSDiscreteScheduler", {}, 7, {}),
+    ("LMSDiscreteScheduler", {"use_karras_sigmas": True, "prediction_type": "v_prediction",
+                              **SD_BETAS}, 25, {}),
+    ("LMSDiscreteScheduler", {"prediction_type": "sample", "timestep_spacing": "leading",
+                              "steps_offset": 1}, 10, {"order": 2}),
+    ("KDPM2DiscreteScheduler", {}, 7, {}),
+    ("KDPM2DiscreteScheduler", {"use_karras_sigmas": True, "prediction_type": "v_prediction",
+                                "timestep_spacing": "trailing"}, 10, {}),
 ]
 
 
@@ -234,7 +279,8 @@ def test_denoise_matches_diffusers_loop(class_name, config, steps, kwargs, patch
   stochastic = ours.needs_rng(plan)
   torch_fn, jax_fn = fake_models(ref.alphas_cumprod.numpy(), ref.config.prediction_type)
   want = diffusers_loop(ref, steps, torch_fn, patched_noise if stochastic else None,
-                        kwargs.get("eta", 0.0), kwargs.get("use_clipped_model_output", False))
+                        kwargs.get("eta", 0.0), kwargs.get("use_clipped_model_output", False),
+                        kwargs.get("order", 4))
   assert_timesteps_equal(plan, ref)
   got = np.asarray(JIT_DENOISE(ours, plan, jax_fn, jnp.asarray(X_INIT) * plan.init_noise_sigma,
                                KEY if stochastic else None))
@@ -277,45 +323,85 @@ PLAN_VARIANTS = {
     "EulerDiscreteScheduler": [{}, {"use_karras_sigmas": True, **SD_BETAS},
                                {"final_sigmas_type": "sigma_min", **SD_BETAS}],
     "EulerAncestralDiscreteScheduler": [{**SD_BETAS}],
+    "UniPCMultistepScheduler": [{}, {"use_karras_sigmas": True, **SD_BETAS},
+                                {"final_sigmas_type": "sigma_min", "use_beta_sigmas": True},
+                                {"use_flow_sigmas": True, "flow_shift": 3.0,
+                                 "final_sigmas_type": "sigma_min"}],
+    # no timestep_spacing / steps_offset keys: the loop's values are carried along, unused
+    "DPMSolverSinglestepScheduler": [{"use_karras_sigmas": True, **SD_BETAS}],
+    "HeunDiscreteScheduler": [{}, {"use_karras_sigmas": True, **SD_BETAS}],
+    "LMSDiscreteScheduler": [{"use_exponential_sigmas": True}],
+    "KDPM2DiscreteScheduler": [{}, {"use_karras_sigmas": True, **SD_BETAS}],
 }
+SINGLE_SPACING = {"DPMSolverSinglestepScheduler"}   # linspace timesteps whatever the config
+# Fewer counts for the classes whose plans (or diffusers' set_timesteps) loop over the steps.
+FEW_STEPS = {"UniPCMultistepScheduler", "DPMSolverSinglestepScheduler", "HeunDiscreteScheduler",
+             "LMSDiscreteScheduler", "KDPM2DiscreteScheduler"}
+
+
+def assert_plan_sigmas(class_name, plan, ref, what):
+  """The sigma each evaluation uses equals diffusers' table (the k-diffusion types' to float32
+  rounding: torch's float32 log / exp in KDPM2's midpoints)."""
+  n, tables = plan.n_evals, plan.tables
+  if class_name in ("DPMSolverMultistepScheduler", "DPMSolverSinglestepScheduler",
+                    "UniPCMultistepScheduler"):
+    want = ref.sigmas[:n]
+    got = tables["sigmas"]
+  elif class_name == "KDPM2DiscreteScheduler":
+    first = np.arange(n) % 2 == 0
+    want = np.where(first, ref.sigmas[:n].numpy(), ref.sigmas_interpol[:n].numpy())
+    got = tables["sigma"]
+  elif class_name.startswith("Euler"):
+    np.testing.assert_allclose(np.asarray(tables["sigma_next"]), ref.sigmas[1:n + 1],
+                               rtol=1e-6, err_msg=what)
+    want, got = ref.sigmas[:n], tables["sigma"]
+  elif class_name in ("HeunDiscreteScheduler", "LMSDiscreteScheduler"):
+    want, got = ref.sigmas[:n], tables["sigma"]
+  else:
+    return
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, err_msg=what)
 
 
 @pytest.mark.parametrize("class_name", sorted(PLAN_VARIANTS))
 def test_plan_matches_set_timesteps(class_name):
   checked = 0
+  if class_name in SINGLE_SPACING:
+    grids = [("linspace", 1)]
+  elif class_name in FEW_STEPS:   # steps_offset acts on leading only
+    grids = [("linspace", 1), ("leading", 0), ("leading", 1), ("trailing", 0)]
+  else:
+    grids = [(spacing, offset) for spacing in S.SPACINGS for offset in (0, 1)]
   for variant in PLAN_VARIANTS[class_name]:
-    for spacing in S.SPACINGS:
-      for offset in (0, 1):
-        config = {**variant, "timestep_spacing": spacing, "steps_offset": offset}
-        ref = reference(class_name, config)
-        ours = S.from_config(config, class_name)
-        for steps in (1, 4, 7, 25, 50, 333, 1000):
-          if class_name == "PNDMScheduler" and not config["skip_prk_steps"] and steps < 4:
-            with pytest.raises(ConfigError, match="num_inference_steps"):
-              ours.plan(steps)
-            continue
-          ref.set_timesteps(steps)
-          what = f"{class_name} {config} steps={steps}"
-          if ref.timesteps.max() >= 1000 and "Euler" not in class_name:
-            # t = 1000 (steps_offset 1): diffusers fails at its first step, jaxgen at plan.
-            with pytest.raises(ConfigError, match="outside"):
-              ours.plan(steps)
-            continue
-          plan = ours.plan(steps)
-          assert_timesteps_equal(plan, ref, what)
-          assert math.isclose(plan.init_noise_sigma, float(ref.init_noise_sigma),
-                              rel_tol=1e-6), what
-          if "Euler" in class_name:
-            n = plan.n_evals
-            np.testing.assert_allclose(np.asarray(plan.tables["sigma"]), ref.sigmas[:n],
-                                       rtol=1e-6, err_msg=what)
-            np.testing.assert_allclose(np.asarray(plan.tables["sigma_next"]),
-                                       ref.sigmas[1:n + 1], rtol=1e-6, err_msg=what)
-          if class_name == "DPMSolverMultistepScheduler":
-            np.testing.assert_allclose(np.asarray(plan.tables["sigmas"]),
-                                       ref.sigmas[:plan.n_evals], rtol=1e-6, err_msg=what)
-          checked += 1
-  assert checked > 20
+    for spacing, offset in grids:
+      config = {**variant, "timestep_spacing": spacing, "steps_offset": offset}
+      ref = reference(class_name, config)
+      ours = S.from_config(config, class_name)
+      for steps in ((1, 2, 3, 7, 25, 50) if class_name in FEW_STEPS else
+                    (1, 4, 7, 25, 50, 333, 1000)):
+        if class_name == "PNDMScheduler" and not config["skip_prk_steps"] and steps < 4:
+          with pytest.raises(ConfigError, match="num_inference_steps"):
+            ours.plan(steps)
+          continue
+        ref.set_timesteps(steps)
+        what = f"{class_name} {config} steps={steps}"
+        if ref.timesteps.max() >= 1000 and not torch.is_floating_point(ref.timesteps):
+          # t = 1000 (steps_offset 1): diffusers fails at its first step, jaxgen at plan.
+          with pytest.raises(ConfigError, match="outside"):
+            ours.plan(steps)
+          continue
+        if class_name not in ("PNDMScheduler", "DDIMScheduler", "DDPMScheduler") and (
+            int((ref.timesteps == ref.timesteps[0]).sum()) > 1):
+          # diffusers' step counter starts at the repeat and runs past the end.
+          with pytest.raises(ConfigError, match="repeats"):
+            ours.plan(steps)
+          continue
+        plan = ours.plan(steps)
+        assert_timesteps_equal(plan, ref, what)
+        assert math.isclose(plan.init_noise_sigma, float(ref.init_noise_sigma),
+                            rel_tol=1e-6), what
+        assert_plan_sigmas(class_name, plan, ref, what)
+        checked += 1
+  assert checked > 5
 
 
 def test_tables_match_diffusers_init():
@@ -372,7 +458,11 @@ def test_from_config_swaps_like_diffusers(source):
                                                          "DPMSolverMultistepScheduler"),
                             ("pndm", "PNDMScheduler"), ("euler", "EulerDiscreteScheduler"),
                             ("euler_a", "EulerAncestralDiscreteScheduler"),
-                            ("DDPMScheduler", "DDPMScheduler")]:
+                            ("DDPMScheduler", "DDPMScheduler"),
+                            ("unipc", "UniPCMultistepScheduler"),
+                            ("dpm_single", "DPMSolverSinglestepScheduler"),
+                            ("heun", "HeunDiscreteScheduler"), ("lms", "LMSDiscreteScheduler"),
+                            ("kdpm2", "KDPM2DiscreteScheduler")]:
     ref = reference(class_name, source)
     ours = S.from_config(source, alias)
     assert ours.class_name == class_name
@@ -393,7 +483,7 @@ def test_from_config_without_class_name_adds_none():
 
 def test_unknown_names_and_bad_configs():
   with pytest.raises(ConfigError, match="DDIMScheduler"):
-    S.from_config(DIT_DDIM, "LMSDiscreteScheduler")
+    S.from_config(DIT_DDIM, "KDPM2AncestralDiscreteScheduler")
   with pytest.raises(ConfigError, match="_class_name"):
     S.from_config({"beta_end": 0.02})
   with pytest.raises(ConfigError, match="prediction_type"):
@@ -410,6 +500,44 @@ def test_unknown_names_and_bad_configs():
   euler_a = S.from_config({}, "euler_a")
   with pytest.raises(ConfigError, match="rng"):
     S.denoise(euler_a, euler_a.plan(2), lambda x, t: x, jnp.zeros(SHAPE))
+
+
+def test_new_scheduler_configs():
+  """UniPC / DPM singlestep / k-diffusion config semantics diffusers shares or refuses."""
+  # diffusers registers DPM-Solver solver types as bh2 (UniPC) and UniPC's as midpoint.
+  unipc = S.from_config({"_class_name": "DPMSolverMultistepScheduler", "solver_type": "heun"},
+                        "unipc")
+  assert unipc.config["solver_type"] == "bh2"
+  for config, match in [({"solver_type": "bh3"}, "solver_type"),
+                        ({"solver_p": {"_class_name": "DDIMScheduler"}}, "solver_p"),
+                        ({"shift_terminal": 0.1}, "use_flow_sigmas"),
+                        ({"predict_x0": False, "prediction_type": "flow_prediction"},
+                         "predict_x0"),
+                        ({"use_karras_sigmas": True, "use_beta_sigmas": True}, "Only one")]:
+    with pytest.raises(ConfigError, match=match):
+      S.from_config(config, "unipc")
+  with pytest.raises(ConfigError, match="thresholding"):
+    S.from_config({"algorithm_type": "dpmsolver", "thresholding": True,
+                   "final_sigmas_type": "sigma_min"}, "dpm_single")
+  with pytest.raises(ConfigError, match="algorithm_type"):
+    S.from_config({"algorithm_type": "sde-dpmsolver"}, "dpm_single")
+  with pytest.raises(ConfigError, match="prediction_type"):
+    S.from_config({"prediction_type": "sample"}, "kdpm2")
+  with pytest.raises(ConfigError, match="beta_schedule"):
+    S.from_config({"beta_schedule": "exp"}, "lms")
+  # The first timestep repeated (beta sigmas over a zero-terminal-SNR schedule): diffusers'
+  # step counter starts at the repeat and fails at the end.
+  with pytest.raises(ConfigError, match="repeats"):
+    S.from_config({"use_beta_sigmas": True, "rescale_betas_zero_snr": True}, "unipc").plan(8)
+  # Singlestep's set_timesteps switches lower_order_final on for good, in the config too.
+  ours, ref = S.from_config({}, "dpm_single"), reference("DPMSolverSinglestepScheduler", {})
+  ours.plan(5)
+  ref.set_timesteps(5)
+  assert ours.config["lower_order_final"] is ref.config.lower_order_final is True
+  # A key of another class carried along does not act (PNDM has no rescale_betas_zero_snr).
+  config = {"rescale_betas_zero_snr": True, **SD_BETAS}
+  np.testing.assert_array_equal(S.from_config(config, "pndm").alphas_cumprod,
+                                reference("PNDMScheduler", config).alphas_cumprod.numpy())
 
 
 def test_load_scheduler(tmp_path):

@@ -8,15 +8,27 @@ one `lax.scan` (`denoise`), jit-compatible with a traced step index.
 
 Classes: DDIMScheduler, DDPMScheduler, PNDMScheduler (PLMS with or without the PRK warm-up),
 DPMSolverMultistepScheduler (dpmsolver++ / dpmsolver / sde-dpmsolver++ / sde-dpmsolver, orders
-1-3, midpoint / heun), EulerDiscreteScheduler and EulerAncestralDiscreteScheduler.
+1-3, midpoint / heun), DPMSolverSinglestepScheduler (diffusers' blocks of orders 1-3),
+UniPCMultistepScheduler (bh1 / bh2 predictor-corrector, any order, x0 or noise prediction),
+EulerDiscreteScheduler, EulerAncestralDiscreteScheduler, HeunDiscreteScheduler and
+KDPM2DiscreteScheduler (two evaluations per step but the last: 2n - 1 timesteps, repeated or
+interleaved as diffusers' set_timesteps lists them) and LMSDiscreteScheduler (linear
+multistep, its integrated coefficients precomputed).
 
 Conventions matched (diffusers' own, not jaxgen's training convention):
 * Tables as diffusers builds them: betas in float32 (torch's float32 `linspace`, reproduced
   bit for bit by `torch_linspace_f32`; squaredcos_cap_v2 from `schedules.cosine_betas`, the same
   float64 maths), `alphas_cumprod` accumulated in float64 and rounded to float32 (torch's CPU
   cumprod), sigma tables with diffusers' numpy code. Timesteps equal `scheduler.timesteps`
-  after `set_timesteps` (int32 here; float32 for the Euler types); per-step scalars are float32
-  numpy ops in diffusers' order, so a loop matches diffusers' to float32 rounding (~1e-6).
+  after `set_timesteps` (int32 here; float32 for the k-diffusion types: Euler, Heun, LMS,
+  KDPM2); per-step scalars are float32 numpy ops in diffusers' order, so a loop matches
+  diffusers' to float32 rounding (~1e-6; noise-prediction solvers such as UniPC with
+  predict_x0=false amplify it, as in diffusers' own float32 vs float64 loops).
+* The step counter is the evaluation index, as diffusers' `step_index` from the first
+  timestep; a schedule that counter cannot run (first timestep repeated: diffusers fails
+  mid-loop) is a ConfigError at `plan`. `plan` changes no state, except that
+  DPMSolverSinglestepScheduler switches `lower_order_final` on in its config, as diffusers'
+  set_timesteps registers it.
 * Config semantics of diffusers' ConfigMixin: a class takes the keys of its `__init__`, except
   those listed in `_use_default_values`; its defaults fill the rest; other keys are kept in
   `config` (diffusers registers them too) but unused. `Scheduler.config` mirrors diffusers'
@@ -186,6 +198,16 @@ def _respaced_sigmas(c: Mapping[str, Any], in_sigmas: np.ndarray, n: int,
   if c["use_beta_sigmas"]:
     return _beta_sigmas(in_sigmas, n, smin, smax)
   return None
+
+
+def _check_first_timestep(timesteps: np.ndarray, class_name: str):
+  """The step-index schedulers (DPM-Solver, UniPC, the k-diffusion ones) start their counter
+  at the second match of the first timestep (for img2img's partial schedules); a schedule
+  whose first timestep repeats then runs past its end in diffusers (IndexError / assertion)."""
+  if np.count_nonzero(np.asarray(timesteps) == timesteps[0]) > 1:
+    raise ConfigError(f"{class_name}: the first timestep {timesteps[0]} repeats in "
+                      f"{np.asarray(timesteps).tolist()[:8]}..., which diffusers' step counter "
+                      "cannot run (it fails too): use fewer steps or another sigma spacing.")
 
 
 def _threshold(x0: jax.Array, ratio: float, max_value: float) -> jax.Array:
@@ -803,16 +825,16 @@ class DPMSolverMultistepScheduler(Scheduler):
     sigmas = np.sqrt((F32(1) - ac) / ac)
     log_sigmas = np.log(sigmas)
     respaced = _respaced_sigmas(c, np.flip(sigmas).copy(), n)
-    if respaced is not None:
-      sigmas = respaced
-      ts = _sigma_to_t(sigmas, log_sigmas)
-      ts = ts.round() if c["use_karras_sigmas"] and round_karras else ts
-    elif lu_lambdas:
+    if lu_lambdas and not c["use_karras_sigmas"]:   # diffusers: karras, then lu, then the rest
       lambdas = np.flip(log_sigmas.copy())
       lmin, lmax = lambdas[-1].item(), lambdas[0].item()
       sigmas = np.exp(lmax + np.linspace(0, 1, n) * (lmin - lmax))
       ts = _sigma_to_t(sigmas, log_sigmas)
       ts = ts.round() if round_karras else ts
+    elif respaced is not None:
+      sigmas = respaced
+      ts = _sigma_to_t(sigmas, log_sigmas)
+      ts = ts.round() if c["use_karras_sigmas"] and round_karras else ts
     elif c["use_flow_sigmas"]:
       alphas = np.linspace(1, 1 / T, n + 1)
       s = 1.0 - alphas
@@ -877,6 +899,7 @@ class DPMSolverMultistepScheduler(Scheduler):
           tables[k][i] = v
     tables.update(alpha=alpha[:n], sigma=sigma[:n],
                   sigmas=sigmas[:n])   # the raw sigma: flow_prediction's conversion
+    _check_first_timestep(ts, self.class_name)
     return _make_plan(ts, tables, num_inference_steps=n_req)
 
   def needs_rng(self, plan):
@@ -1023,6 +1046,7 @@ class DPMSolverSinglestepScheduler(DPMSolverMultistepScheduler):
         for k, v in self._step_row(order, j, alpha, sigma, lam).items():
           tables[k][j] = v
     tables.update(alpha=alpha[:n], sigma=sigma[:n], sigmas=sigmas[:n])
+    _check_first_timestep(ts, self.class_name)
     return _make_plan(ts, tables, num_inference_steps=n)
 
   def init_state(self, plan, sample):
@@ -1202,6 +1226,7 @@ class UniPCMultistepScheduler(Scheduler):
           corr["rho_t"][i + 1] = row["rho_c"][-1]
           corr["corr"][i + 1] = i not in disabled
     tables = {**pred, **corr, "alpha": alpha[:n], "sigma": sigma[:n], "sigmas": sigmas[:n]}
+    _check_first_timestep(ts, self.class_name)
     return _make_plan(ts, tables, num_inference_steps=n)
 
   def init_state(self, plan, sample):
@@ -1350,21 +1375,16 @@ class EulerDiscreteScheduler(_EulerBase):
       sigmas = np.interp(ts, np.arange(0, len(sigmas)), sigmas)
     else:   # torch.linspace(log sigma_max, log sigma_min, n + 1).exp(), all float32
       sigmas = np.exp(torch_linspace_f32(np.log(sigmas[-1]), np.log(sigmas[0]), n + 1))
-    smin, smax = c["sigma_min"], c["sigma_max"]
-    if c["use_karras_sigmas"]:
-      sigmas = _karras_sigmas(sigmas, n, smin, smax)
-      ts = _sigma_to_t(sigmas, log_sigmas)
-    elif c["use_exponential_sigmas"]:
-      sigmas = _exponential_sigmas(sigmas, n, smin, smax)
-      ts = _sigma_to_t(sigmas, log_sigmas)
-    elif c["use_beta_sigmas"]:
-      sigmas = _beta_sigmas(sigmas, n, smin, smax)
+    respaced = _respaced_sigmas(c, sigmas, n)
+    if respaced is not None:
+      sigmas = respaced
       ts = _sigma_to_t(sigmas, log_sigmas)
     last = np.sqrt((F32(1) - ac[0]) / ac[0]) if c["final_sigmas_type"] == "sigma_min" else 0
     sigmas = np.concatenate([sigmas, [last]]).astype(F32)
     if c["timestep_type"] == "continuous" and c["prediction_type"] == "v_prediction":
       ts = F32(0.25) * np.log(sigmas[:-1])
     ts = np.asarray(ts).astype(F32)
+    _check_first_timestep(ts, self.class_name)
     return _make_plan(ts, self._tables(sigmas, len(ts)), num_inference_steps=n,
                       init_noise_sigma=self._init_noise_sigma(sigmas))
 
@@ -1400,6 +1420,7 @@ class EulerAncestralDiscreteScheduler(_EulerBase):
     sigma_up = np.sqrt(s_to * s_to * (s_from * s_from - s_to * s_to) / (s_from * s_from))
     sigma_down = np.sqrt(s_to * s_to - sigma_up * sigma_up)
     tables.update(sigma_up=sigma_up, dt=sigma_down - s_from)
+    _check_first_timestep(ts, self.class_name)
     return _make_plan(ts, tables, num_inference_steps=n,
                       init_noise_sigma=self._init_noise_sigma(sigmas))
 
@@ -1453,6 +1474,7 @@ class HeunDiscreteScheduler(_EulerBase):
     dt = sigmas[1:] - sigmas[:-1]
     tables = {**self._input_tables(sigmas[:-1]), "first": first.astype(np.int32),
               "dt": np.where(first, dt, np.roll(dt, 1))}   # the correction reuses the Euler dt
+    _check_first_timestep(ts, self.class_name)
     return _make_plan(ts, tables, num_inference_steps=n,
                       init_noise_sigma=self._init_noise_sigma(sigmas))
 
@@ -1523,6 +1545,7 @@ class LMSDiscreteScheduler(_EulerBase):
       raise ConfigError(f"LMSDiscreteScheduler: order must be >= 1, got {order}.")
     sigmas, ts, _ = self._k_sigmas(n, karras_range=False)   # its karras ignores sigma_min/max
     tables = {**self._input_tables(sigmas[:n]), "lms": _lms_coefficients(sigmas, n, int(order))}
+    _check_first_timestep(ts, self.class_name)
     return _make_plan(np.asarray(ts).astype(F32), tables, num_inference_steps=n,
                       init_noise_sigma=self._init_noise_sigma(sigmas))
 
@@ -1580,6 +1603,7 @@ class KDPM2DiscreteScheduler(_EulerBase):
     sigma_in = np.where(first, sigmas[k], mid_next)
     dt = np.where(first, mid_next - sigmas[k], sigmas[k + 1] - sigmas[k])
     tables = {**self._input_tables(sigma_in), "first": first.astype(np.int32), "dt": dt}
+    _check_first_timestep(ts_all, self.class_name)
     return _make_plan(ts_all, tables, num_inference_steps=n,
                       init_noise_sigma=self._init_noise_sigma(sigmas))
 
