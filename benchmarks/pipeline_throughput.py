@@ -169,7 +169,8 @@ def main(argv=None):
   result = {
       "benchmark": "pipeline_throughput", "date": datetime.date.today().isoformat(),
       "device": jax.devices()[0].device_kind, "platform": platform.platform(),
-      "versions": {"jax": jax.__version__, "torch": torch.__version__},
+      "versions": {"jax": jax.__version__, "torch": torch.__version__,
+                   "diffusers": diffusers.__version__},
       "size": f"DiT-{args.size}/2", "resolution": args.resolution, "batch": args.batch,
       "steps": args.steps, "guidance": args.guidance, "dtype": args.dtype,
       "jaxgen_images_per_s": args.batch / t_jax}
