@@ -32,6 +32,7 @@ import json
 import os
 from typing import Any, Dict, List, Mapping, Tuple
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -103,12 +104,21 @@ def _fields(module) -> Dict[str, Any]:
   return {k: v for k, v in module_fields(module).items() if k != "dtype"}
 
 
+def _comparable(value):
+  """A field value with the computation dtype left out of submodules too (a composite model
+  in training.compute_dtype has bfloat16 towers)."""
+  if isinstance(value, nn.Module):
+    return type(value), {k: _comparable(v) for k, v in _fields(value).items()}
+  return value
+
+
 def field_differences(source_module, model) -> Dict[str, Tuple[Any, Any]]:
   """{field: (weights' value, config's value)} for modules of one class; {} otherwise."""
   if source_module is None or type(source_module) is not type(model):
     return {}
   src, own = _fields(source_module), _fields(model)
-  return {k: (src[k], own[k]) for k in src if k in own and src[k] != own[k]}
+  return {k: (src[k], own[k]) for k in src
+          if k in own and _comparable(src[k]) != _comparable(own[k])}
 
 
 def _overrides(diffs: Mapping[str, Tuple[Any, Any]]) -> str:
