@@ -42,6 +42,9 @@ def get_config(arg=None):
   c.sample.update(method="", num_steps=25, guidance_scale=5.0, batch_size=16)
   c.sample.negative_prompt = ""
   c.sample.num_prompts = 16
-  if arg:
-    raise ValueError(f"unknown preset {arg!r}; this config has none (set model.init_from)")
+  if arg == "smoke":  # Seconds-long runs (still needs model.init_from: a pipeline directory).
+    common.smoke(c)
+    c.sample.update(num_prompts=2, batch_size=2)
+  elif arg:
+    raise ValueError(f"unknown preset {arg!r}; known: smoke")
   return c
