@@ -33,6 +33,12 @@ def check_prediction(prediction: str):
     raise ConfigError(f"unknown prediction type {prediction!r}; known: {list(PREDICTIONS)}.")
 
 
+def example_keys(rng: jax.Array, n: int) -> jax.Array:
+  """The keys of rows 0..n-1 of a batch: `fold_in(rng, row)` (computed in the jitted step, so
+  a batch-sharded step derives each device's keys locally)."""
+  return jax.vmap(lambda i: jax.random.fold_in(rng, i))(jnp.arange(n, dtype=jnp.uint32))
+
+
 def drop_labels(rng: jax.Array, cond: jax.Array, p: float,
                 null_label) -> Tuple[jax.Array, jax.Array]:
   """Replaces each batch entry of `cond` by `null_label` with probability p; returns (cond, mask).
