@@ -1,7 +1,16 @@
-"""CAN vs adaLN: trains the three arms of configs/can_ablation.py and scores their samples.
+"""CAN vs adaLN: trains the three arms of a setting and scores their samples.
 
-  python -m benchmarks.can_ablation [--workdir=workdirs/can_ablation] [--arms=can,adaln,both] \
-      [--num_samples=500] [--json=OUT.json] [--config.a.b=value ...]
+  python -m benchmarks.can_ablation [--setting=dit_pixels|cat_latents] [--workdir=DIR] \
+      [--arms=can,adaln,both] [--num_samples=500] [--json=OUT.json] [--config.a.b=value ...]
+
+Settings (each config's presets are the arms; everything else in an arm is identical):
+  dit_pixels   configs/can_ablation.py: a small DiT on MNIST-5k pixels (14x14, patch 2);
+               default workdir workdirs/can_ablation
+  cat_latents  configs/can_digits.py: CaT on the latents of a small DC-AE (MNIST-5k 32x32 ->
+               8x8x8), the paper's own setting in miniature. The autoencoder and the latent
+               cache are trained / written once, in WORKDIR/autoencoder and WORKDIR/latents
+               (jaxgen/tasks/two_stage.py), and shared by the arms; default workdir
+               workdirs/can_ablation_cat
 
 Each arm trains in WORKDIR/<arm> with `jaxgen.train.loop.train` (a finished workdir is only
 read; an interrupted one resumes), then draws num_samples class-conditional samples (equal per
@@ -27,19 +36,25 @@ import time
 import numpy as np
 
 ARMS = ("can", "adaln", "both")
-CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
-                      "can_ablation.py")
+CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+# setting -> (config file, default workdir)
+SETTINGS = {
+    "dit_pixels": ("can_ablation.py", "workdirs/can_ablation"),
+    "cat_latents": ("can_digits.py", "workdirs/can_ablation_cat"),
+}
 
 
 def parse_args(argv):
   p = argparse.ArgumentParser(prog="python -m benchmarks.can_ablation",
                               description=__doc__.split("\n\n")[0])
-  p.add_argument("--workdir", default="workdirs/can_ablation")
+  p.add_argument("--setting", default="dit_pixels", choices=sorted(SETTINGS))
+  p.add_argument("--workdir", default=None, help="default: the setting's (see above)")
   p.add_argument("--arms", default=",".join(ARMS))
   p.add_argument("--num_samples", type=int, default=None, help="default: config eval.num_samples")
   p.add_argument("--seed", type=int, default=1234, help="sampling seed (the same for every arm)")
   p.add_argument("--json", default=None, help="default: WORKDIR/results.json")
   args, rest = p.parse_known_args(argv)
+  args.workdir = args.workdir or SETTINGS[args.setting][1]
   args.arms = [a for a in args.arms.split(",") if a]
   if any(a not in ARMS for a in args.arms):
     p.error(f"--arms must be a subset of {','.join(ARMS)}")
@@ -49,6 +64,18 @@ def parse_args(argv):
       p.error(f"unrecognized argument {item!r}")
     args.overrides.append(item[len("--config."):])
   return args
+
+
+def describe(setting: str, config, setup) -> str:
+  """The data and backbone of a setting, for the table's title."""
+  m, size = config.model, config.data.image_size
+  if setting == "dit_pixels":
+    return (f"MNIST-5k {size}x{size} (pixel space): DiT depth {m.depth}, width "
+            f"{m.hidden_size}, patch {m.patch_size}")
+  return (f"MNIST-5k {size}x{size} through a DC-AE trained in stage 1 (latents "
+          f"{'x'.join(map(str, setup.task.image_shape))}, scaling factor "
+          f"{config.autoencoder.scaling_factor:.3f}): CaT widths {tuple(m.widths)}, depths "
+          f"{tuple(m.depths)}, blocks {tuple(m.block_kinds)}")
 
 
 def batched(fn, x, batch=500):
@@ -63,9 +90,19 @@ def main(argv=None):
   from jaxgen.metrics import classifier  # pylint: disable=g-import-not-at-top
   from jaxgen.metrics.fid import feature_frechet_distance  # pylint: disable=g-import-not-at-top
   from jaxgen.models.flops import count_params  # pylint: disable=g-import-not-at-top
+  from jaxgen.tasks import two_stage  # pylint: disable=g-import-not-at-top
   from jaxgen.train import loop  # pylint: disable=g-import-not-at-top
 
-  configs = {arm: load_config(f"{CONFIG}:{arm}", args.overrides) for arm in args.arms}
+  path = os.path.join(CONFIGS, SETTINGS[args.setting][0])
+  configs = {arm: load_config(f"{path}:{arm}", args.overrides) for arm in args.arms}
+  if args.setting == "cat_latents":
+    # Stages 1-2 once in WORKDIR (the arms' configs differ only in the backbone); each arm
+    # then trains on the shared latents.
+    for arm in configs:
+      configs[arm] = two_stage.prepare(configs[arm], args.workdir)
+      if configs[arm] is None:
+        print("the autoencoder stage was preempted; rerun the same command to resume")
+        return
   first = next(iter(configs.values()))
   tic = time.perf_counter()
   clf, clf_params, real_acc = classifier.cached_classifier(
@@ -105,13 +142,10 @@ def main(argv=None):
           f"{row['feature_fd']:.2f} ({row['num_samples']} samples; trained {train_s:.0f} s, "
           f"sampled {sample_s:.0f} s)", flush=True)
 
-  m = first.model
-  size = first.data.image_size
-  print(f"\nCAN vs adaLN on MNIST-5k {size}x{size} (pixel space): DiT depth {m.depth}, width "
-        f"{m.hidden_size}, patch {m.patch_size}; {first.training.steps} steps x batch "
-        f"{first.training.batch_size}; {first.sample.method} {first.sample.num_steps} steps, "
-        f"guidance {first.sample.guidance_scale}; jax {jax.__version__} "
-        f"[{jax.default_backend()}]")
+  print(f"\nCAN vs adaLN on {describe(args.setting, first, setup)}; {first.training.steps} "
+        f"steps x batch {first.training.batch_size}; {first.sample.method} "
+        f"{first.sample.num_steps} steps, guidance {first.sample.guidance_scale}; "
+        f"jax {jax.__version__} [{jax.default_backend()}]")
   print(f"{'arm':<8}{'params':>10}{'final loss':>12}{'steps/s':>9}{'class acc':>11}"
         f"{'feature FD':>12}")
   for r in rows:
@@ -122,8 +156,9 @@ def main(argv=None):
   out = args.json or os.path.join(args.workdir, "results.json")
   os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
   with open(out, "w") as f:
-    json.dump(dict(arms=rows, real_train_vs_test_fd=floor, classifier_test_accuracy=real_acc,
-                   overrides=args.overrides, jax=jax.__version__,
+    json.dump(dict(setting=args.setting, arms=rows, real_train_vs_test_fd=floor,
+                   classifier_test_accuracy=real_acc, overrides=args.overrides,
+                   jax=jax.__version__,
                    device=jax.devices()[0].device_kind), f, indent=1)
   print(f"wrote {out}")
 

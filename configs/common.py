@@ -5,6 +5,7 @@ Each runnable config starts from `base_config()` and changes what differs.
 
 import ml_collections
 
+from jaxgen import distributed
 from jaxgen import sharding
 
 
@@ -56,11 +57,13 @@ def base_config() -> ml_collections.ConfigDict:
   # rules: logical axis name -> mesh axes (for modules that annotate their parameters);
   # other parameters with >= min_shard_size elements are split over `tensor` and `fsdp` by
   # shape (jaxgen/sharding.py).
-  # distributed / coordinator_address / num_processes / process_id: jaxgen/distributed.py.
+  # distributed / coordinator_address / num_processes / process_id and the coordination
+  # service's init / heartbeat / shutdown timeouts (*_timeout_s): jaxgen/distributed.py.
   c.mesh = ml_collections.ConfigDict(dict(
       data=-1, fsdp=1, tensor=1, num_devices=0, rules=sharding.DEFAULT_RULES,
       min_shard_size=sharding.DEFAULT_MIN_SHARD_SIZE, distributed="auto",
-      coordinator_address="", num_processes=0, process_id=-1))
+      coordinator_address="", num_processes=0, process_id=-1,
+      **{key: seconds for key, (_, seconds) in distributed.TIMEOUTS.items()}))
   return c
 
 

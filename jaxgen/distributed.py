@@ -16,6 +16,20 @@ command. How the processes find each other, first match wins:
 Anything else is a single process and nothing is initialised. `mesh.distributed`: "auto"
 (the above), "on" (always initialise, letting JAX auto-detect what the config does not give),
 "off" (never).
+
+Timeouts of JAX's coordination service (`mesh.*`, seconds; defaults in `TIMEOUTS` are meant
+for TPU pods and multi-node GPU jobs):
+
+* `init_timeout_s`: how long process 0's coordinator waits for every process to connect
+  (workers of a big slice start minutes apart: ssh fan-out, imports);
+* `heartbeat_timeout_s`: a process that sent no heartbeat for this long is declared dead and
+  every other process is ended by the coordination service (a fatal log naming the missing
+  task, then SIGABRT), so a lost host ends the job within about this time instead of leaving
+  the others blocked in a collective;
+* `shutdown_timeout_s`: how long a finished process waits at the exit barrier for the others.
+
+A job whose host died is restarted by rerunning the same command on all hosts: it resumes
+from the last complete checkpoint (launch/README.md).
 """
 
 import os
@@ -27,6 +41,12 @@ import ml_collections
 from jaxgen.errors import ConfigError
 
 MODES = ("auto", "on", "off")
+# config.mesh key -> (jax.distributed.initialize argument, default seconds).
+TIMEOUTS = {
+    "init_timeout_s": ("initialization_timeout", 900),
+    "heartbeat_timeout_s": ("heartbeat_timeout_seconds", 100),
+    "shutdown_timeout_s": ("shutdown_timeout_seconds", 300),
+}
 
 
 def _int(env: Mapping[str, str], key: str, default: Optional[int] = None) -> Optional[int]:
@@ -39,14 +59,39 @@ def _int(env: Mapping[str, str], key: str, default: Optional[int] = None) -> Opt
     raise ConfigError(f"environment variable {key}={value!r} is not an integer") from None
 
 
+def timeouts(mesh_config: Optional[ml_collections.ConfigDict]) -> dict:
+  """`jax.distributed.initialize` timeout arguments from `mesh.*_timeout_s` (or `TIMEOUTS`)."""
+  out = {}
+  for key, (arg, default) in TIMEOUTS.items():
+    value = default if mesh_config is None else mesh_config.get(key, default)
+    try:
+      seconds = int(value)
+    except (TypeError, ValueError):
+      seconds = 0
+    if seconds < 1:
+      raise ConfigError(f"mesh.{key}={value!r} must be a positive number of seconds "
+                        f"(default {default})")
+    out[arg] = seconds
+  return out
+
+
 def resolve(mesh_config: Optional[ml_collections.ConfigDict],
             env: Mapping[str, str]) -> Optional[dict]:
   """What `initialize` would do, as a pure function of the config and the environment.
 
-  Returns None (single process: do nothing) or {"source": str, "kwargs": dict} where kwargs
-  go to `jax.distributed.initialize` (empty: JAX auto-detects the cluster) and
+  Returns None (single process: do nothing) or {"source": str, "kwargs": dict,
+  "timeouts": dict} where kwargs say where the processes are (empty: JAX auto-detects the
+  cluster), timeouts are `timeouts(mesh_config)` (both go to `jax.distributed.initialize`), and
   "num_processes" / "process_id" are what the source says, when it says.
   """
+  plan = _locate(mesh_config, env)
+  if plan is not None:
+    plan["timeouts"] = timeouts(mesh_config)
+  return plan
+
+
+def _locate(mesh_config, env: Mapping[str, str]) -> Optional[dict]:
+  """`resolve` without the timeouts: the source, the process count / id and the kwargs."""
   get = (lambda k, d: mesh_config.get(k, d)) if mesh_config is not None else (lambda k, d: d)
   mode = str(get("distributed", "auto"))
   if mode not in MODES:
@@ -108,10 +153,12 @@ def initialize(config: Optional[ml_collections.ConfigDict] = None,
   if plan is None or is_initialized():
     return plan
   try:
-    jax.distributed.initialize(**plan["kwargs"])
+    jax.distributed.initialize(**plan["kwargs"], **plan["timeouts"])
   except RuntimeError as e:
     raise ConfigError(f"jax.distributed.initialize ({plan['source']}) failed: {e}") from None
   if jax.process_index() == 0:
+    heartbeat = plan["timeouts"]["heartbeat_timeout_seconds"]
     print(f"distributed: {jax.process_count()} processes ({plan['source']}), "
-          f"{jax.device_count()} devices, {jax.local_device_count()} per process", flush=True)
+          f"{jax.device_count()} devices, {jax.local_device_count()} per process; a process "
+          f"silent for {heartbeat} s ends the job (mesh.heartbeat_timeout_s)", flush=True)
   return plan

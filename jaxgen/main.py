@@ -3,8 +3,10 @@
   python -m jaxgen.main --config=configs/unet_mnist.py[:preset] --workdir=DIR \
       [--mode=train|sample|eval] [--config.a.b=value ...]
 
-Train resumes from DIR's newest checkpoint by itself. User errors (bad config, missing data,
-corrupt checkpoint, non-finite loss) print one `error:` line and exit with status 2.
+Train resumes from DIR's newest checkpoint by itself; a latent-diffusion config that trains its
+own autoencoder first runs all its stages in DIR (jaxgen/tasks/two_stage.py). User errors (bad
+config, missing data, corrupt checkpoint, non-finite loss) print one `error:` line and exit
+with status 2.
 """
 
 import os
@@ -81,13 +83,14 @@ def run_eval(config, workdir: str) -> dict:
 def main(argv: List[str]) -> int:
   spec, workdir, mode, overrides = parse_args(argv)
   config = load_config(spec, overrides)
+  # A latent-diffusion config without autoencoder.dir may train its own autoencoder first.
+  from jaxgen.tasks import two_stage  # pylint: disable=g-import-not-at-top
   if mode == "train":
-    from jaxgen.train import loop  # pylint: disable=g-import-not-at-top
-    loop.train(config, workdir)
+    two_stage.train(config, workdir)  # loop.train, after the autoencoder stages if any.
   elif mode == "sample":
-    run_sample(config, workdir)
+    run_sample(two_stage.resolve(config, workdir), workdir)
   else:
-    run_eval(config, workdir)
+    run_eval(two_stage.resolve(config, workdir), workdir)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,10 @@ holds ~1/(fsdp*tensor) of the weights and sees the whole batch of its (data, fsd
 Batches: `put_batch` places a training batch (host-local rows); `BatchRunner` runs inference
 (sampling, reconstruction, encoding, feature extraction) over in-memory or streamed inputs in
 fixed-size padded global batches and gathers the results with `host_array`.
+
+Programs on a mesh are traced inside `mesh_context(mesh)` (the train step, `BatchRunner.map`):
+custom kernels that XLA cannot partition (Pallas calls) read the mesh from it and run on each
+device's batch shard under `jax.shard_map` (jaxgen/kernels/ca_depthwise_conv.py).
 """
 
 import math
@@ -91,6 +95,45 @@ def _device_grid(devices, sizes) -> np.ndarray:
 def batch_axes():
   """Mesh axes the batch dimension is split over (data-parallel and FSDP both split it)."""
   return ("data", "fsdp")
+
+
+def mesh_context(mesh: Mesh):
+  """Context manager: `mesh` as the abstract mesh of the traces inside (inside or outside a
+  jit), where `jax.sharding.get_abstract_mesh()` finds it."""
+  return jax.sharding.use_abstract_mesh(mesh.abstract_mesh)
+
+
+def context_batch_axes(batch: int) -> tuple:
+  """The axes of the context mesh (`jax.sharding.get_abstract_mesh()`) that split a batch of
+  `batch` samples: the batch axes of size > 1 that are not already manual (inside a
+  shard_map), when their product divides `batch`; () when there is no such mesh."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return ()
+  axes = tuple(a for a in batch_axes()
+               if a in mesh.axis_names and mesh.shape[a] > 1 and a not in mesh.manual_axes)
+  if not axes or batch % math.prod(mesh.shape[a] for a in axes):
+    return ()
+  return axes
+
+
+def on_batch_shards(fn, *args):
+  """fn(*args) on each device's batch shard (`jax.shard_map` over `context_batch_axes`) when
+  traced under a mesh that splits the batch, else fn(*args).
+
+  For per-sample computations that XLA's partitioner cannot split by itself (Pallas calls;
+  convs vmapped over per-sample kernels, which it all-gathers): every arg and the output are
+  batch-major, and `fn` must treat samples independently. The shard_map is manual over the
+  batch axes only (the others stay with the partitioner); check_vma=False because a
+  pallas_call's output type does not say how it varies over the mesh (every operand and the
+  output are split alike: nothing to check).
+  """
+  axes = context_batch_axes(args[0].shape[0])
+  if not axes:
+    return fn(*args)
+  spec = P(axes)
+  return jax.shard_map(fn, mesh=jax.sharding.get_abstract_mesh(), in_specs=(spec,) * len(args),
+                       out_specs=spec, axis_names=set(axes), check_vma=False)(*args)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
@@ -181,7 +224,9 @@ class BatchRunner:
     outs = []
     for i, start in enumerate(range(0, n, self.batch)):
       x, rows = self.put(jax.tree.map(lambda v: v[start:start + self.batch], inputs))
-      outs.append(self.get(fn(i, x), rows))
+      with mesh_context(self.mesh):  # fn's first call traces: custom kernels see the mesh.
+        result = fn(i, x)
+      outs.append(self.get(result, rows))
       if progress is not None:
         progress(rows)
     if not outs:

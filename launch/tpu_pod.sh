@@ -24,8 +24,12 @@
 #   TPU_NAME [jaxgen-tpu]  ZONE [us-central2-b]  ACCELERATOR [v4-8]
 #   RUNTIME [tpu-ubuntu2204-base]  PROJECT [gcloud's default]  SPOT [0]: 1 = --spot
 #   WORKDIR [workdirs/tpu]  REMOTE_DIR [~/jaxgen]
+#   HEARTBEAT_TIMEOUT_S / INIT_TIMEOUT_S [config: 100 / 900]: --config.mesh.heartbeat_timeout_s
+#   / init_timeout_s (a worker silent this long ends the job; how long workers wait for each
+#   other at start-up).
 # Preemption (spot / maintenance): the trainer saves a checkpoint on SIGTERM and exits 0;
-# rerun `launch/tpu_pod.sh run -- <same args>` after recreating the VM to resume.
+# rerun `launch/tpu_pod.sh run -- <same args>` after recreating the VM to resume. A lost worker
+# ends the job after the heartbeat timeout (launch/README.md, "A lost host"); rerun the same.
 set -euo pipefail
 
 TPU_NAME="${TPU_NAME:-jaxgen-tpu}"
@@ -37,7 +41,7 @@ REMOTE_DIR="${REMOTE_DIR:-~/jaxgen}"
 SPOT="${SPOT:-0}"
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 
-usage() { sed -n '2,29p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,32p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
 
 STEP="all"
 if [[ $# -gt 0 && "$1" != "--" ]]; then STEP="$1"; shift; fi
@@ -75,8 +79,14 @@ run() {
     echo "error: pass the jaxgen.main arguments after --, e.g. -- --config=configs/dit_xl2_256.py" >&2
     exit 2
   fi
-  local quoted
-  quoted="$(printf ' %q' "${ARGS[@]}")"
+  local quoted extra=()
+  if [[ -n "${HEARTBEAT_TIMEOUT_S:-}" ]]; then
+    extra+=(--config.mesh.heartbeat_timeout_s="$HEARTBEAT_TIMEOUT_S")
+  fi
+  if [[ -n "${INIT_TIMEOUT_S:-}" ]]; then
+    extra+=(--config.mesh.init_timeout_s="$INIT_TIMEOUT_S")
+  fi
+  quoted="$(printf ' %q' "${extra[@]}" "${ARGS[@]}")"
   "${GCLOUD[@]}" ssh "$TPU_NAME" "${COMMON[@]}" --worker=all --command="
     cd $REMOTE_DIR && python3 -m jaxgen.main --workdir=$WORKDIR --config.mesh.distributed=on$quoted"
 }

@@ -21,6 +21,7 @@ CONFIGS = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, 
                  if not os.path.basename(p).startswith(("common", "__")))
 # Configs whose smoke preset already trains and evaluates in their own test (not run twice).
 EVALUATED_ELSEWHERE = {
+    "can_digits": "test_can_digits.py::test_smoke_stages_resume_skip_sample_eval",
     "can_imagenet512": "test_latent_diffusion.py::test_smoke_train_sample_eval",
     "dit_xl2_256": "test_latent_diffusion.py::test_smoke_train_sample_eval",
     "fastcomposer_mnist": "test_fastcomposer.py::test_smoke_train_sample_eval",

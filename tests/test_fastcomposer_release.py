@@ -26,7 +26,7 @@ from jaxgen.convert.__main__ import main as convert_main  # noqa: E402
 from jaxgen.convert.saved import convert_any  # noqa: E402
 from jaxgen.errors import ConfigError, WeightsError  # noqa: E402
 from jaxgen.models import fastcomposer as fc  # noqa: E402
-from jaxgen.text.clip_tokenizer import bytes_to_unicode  # noqa: E402
+from jaxgen.text.tiny_vocab import write_clip_tokenizer  # noqa: E402
 
 WIDTH = 128  # Text width = post-fuse width = image projection (two 64-wide heads).
 TEXT = dict(vocab_size=600, hidden_size=WIDTH, intermediate_size=96, num_hidden_layers=2,
@@ -205,30 +205,8 @@ def test_fused_embeddings_equal_official_formula(release, converted):
 
 
 def write_tokenizer(directory):
-  """A CLIP BPE tokenizer in the hub's layout: the 512 byte symbols, merges spelling WORDS, the
-  two special tokens; model_max_length 77."""
-  byte_map = bytes_to_unicode()
-  vocab = list(byte_map.values()) + [c + "</w>" for c in byte_map.values()]
-  merges = []
-  for word in WORDS:
-    symbols = list(word[:-1]) + [word[-1] + "</w>"]
-    while len(symbols) > 1:
-      pair = (symbols[0], symbols[1])
-      if pair not in merges:
-        merges.append(pair)
-        vocab.append(pair[0] + pair[1])
-      symbols = [pair[0] + pair[1]] + symbols[2:]
-  vocab += ["<|startoftext|>", "<|endoftext|>"]
-  os.makedirs(directory, exist_ok=True)
-  with open(os.path.join(directory, "vocab.json"), "w") as f:
-    json.dump({t: i for i, t in enumerate(vocab)}, f)
-  with open(os.path.join(directory, "merges.txt"), "w") as f:
-    f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
-  with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
-    json.dump({"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>",
-               "unk_token": "<|endoftext|>", "pad_token": "<|endoftext|>",
-               "model_max_length": 77, "tokenizer_class": "CLIPTokenizer"}, f)
-  return len(vocab)
+  """A CLIP BPE tokenizer in the hub's layout spelling WORDS; model_max_length 77."""
+  return write_clip_tokenizer(directory, WORDS)
 
 
 @pytest.fixture(scope="module")

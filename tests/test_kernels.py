@@ -66,7 +66,7 @@ def test_forward_matches_xla_and_loops(shape, k, stride, dtype, bias):
                              **_tol(dtype))
   # The folded form is a benchmark reference: checked on the float32 cases only.
   impls = ("pallas", "folded") if dtype == jnp.float32 else ("pallas",)
-  for impl in impls + (("shifts",) if stride == 1 else ()):
+  for impl in impls + ("shifts",):
     f = jax.jit(lambda x, w, b, impl=impl: ca_depthwise_conv(x, w, b, stride=stride, impl=impl))
     out = f(x, w, b)
     assert out.shape == ref.shape and out.dtype == dtype, impl
@@ -76,7 +76,7 @@ def test_forward_matches_xla_and_loops(shape, k, stride, dtype, bias):
 
 @pytest.mark.parametrize("shape,k,stride,dtype", [
     ((2, 7, 9, 5), 3, 1, jnp.float32),  # dx through the Pallas kernel (flipped w)
-    ((1, 7, 8, 6), 5, 2, jnp.float32),  # dx through XLA (stride 2)
+    ((1, 7, 8, 6), 5, 2, jnp.float32),  # dx through XLA (Pallas), subsampled sums (shifts)
     ((1, 6, 5, 9), 3, 1, jnp.bfloat16),
 ])
 def test_gradients_match_xla(shape, k, stride, dtype):
@@ -89,7 +89,7 @@ def test_gradients_match_xla(shape, k, stride, dtype):
 
   tol = _tol(dtype) if dtype == jnp.float32 else dict(rtol=5e-2, atol=1e-1)
   want = loss("xla")
-  for impl in ("pallas", "shifts") if stride == 1 else ("pallas",):
+  for impl in ("pallas", "shifts"):
     for got, ref, name in zip(loss(impl), want, ("dx", "dw", "db")):
       assert got.dtype == ref.dtype == dtype, name
       np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(ref, np.float32),
@@ -114,14 +114,16 @@ def test_depthwise_conv_layer_matches_nn_conv(k, stride):
   for g, r in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-5, atol=1e-5)
   assert depthwise_conv.use_shifts((k, k), stride) == (stride == 1)  # auto on CPU
-  with pytest.raises(ValueError, match="stride 1"):
-    resolve_impl("shifts", (k, k), 2)
+  assert resolve_impl("shifts", (k, k), 2) == "shifts"  # The per-sample conv: subsampled.
+  with pytest.raises(ValueError, match="odd kernels"):
+    resolve_impl("shifts", (k + 1, k + 1), 1)
 
 
 def test_auto_is_shifts_on_cpu_and_errors():
   assert jax.default_backend() == "cpu"
   assert resolve_impl("auto") == "shifts"
-  assert resolve_impl("auto", (3, 3), 2) == "xla"
+  assert resolve_impl("auto", (3, 3), 2) == "shifts"
+  assert resolve_impl("auto", (4, 4), 1) == "xla"
   x, w, _ = _inputs((1, 4, 4, 3), 3, jnp.float32, False)
   with pytest.raises(ValueError, match="impl"):
     ca_depthwise_conv(x, w, impl="cuda")

@@ -412,10 +412,11 @@ def test_tables_match_diffusers_init():
     ours = S.from_config(config, "DDIMScheduler")
     np.testing.assert_array_equal(ours.betas, ref.betas.numpy(), err_msg=str(config))
     np.testing.assert_array_equal(ours.alphas_cumprod, ref.alphas_cumprod.numpy())
-  # The zero-terminal-SNR rescale takes a sqrt, which torch does not round correctly: 1 ulp.
+  # The zero-terminal-SNR rescale takes a sqrt, which torch does not round correctly: 1 ulp
+  # per beta, compounded by the float32 cumprod to a few 1e-6 relative in the tail.
   ref = reference("DDIMScheduler", {"rescale_betas_zero_snr": True, **SD_BETAS})
   ours = S.from_config({"rescale_betas_zero_snr": True, **SD_BETAS}, "DDIMScheduler")
-  np.testing.assert_allclose(ours.alphas_cumprod, ref.alphas_cumprod.numpy(), rtol=1e-6,
+  np.testing.assert_allclose(ours.alphas_cumprod, ref.alphas_cumprod.numpy(), rtol=1e-5,
                              atol=1e-12)
   np.testing.assert_allclose(ours.betas, ref.betas.numpy(), rtol=0, atol=3e-7)
   for schedule in ("sigmoid", "laplace"):

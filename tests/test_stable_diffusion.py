@@ -28,7 +28,7 @@ from jaxgen import generate  # noqa: E402
 from jaxgen.errors import ConfigError  # noqa: E402
 from jaxgen.pipelines import load_pipeline  # noqa: E402
 from jaxgen.pipelines.stable_diffusion import StableDiffusionPipeline  # noqa: E402
-from jaxgen.text.clip_tokenizer import bytes_to_unicode  # noqa: E402
+from jaxgen.text.tiny_vocab import write_clip_tokenizer  # noqa: E402
 
 WORDS = ("photo", "cat", "dog", "the", "blurry", "painting", "red", "house")
 PROMPTS = ["a photo of a cat", "a red house, painting"]
@@ -36,33 +36,8 @@ NEGATIVES = ["blurry", "a photo of the dog"]
 
 
 def write_tokenizer(directory, pad_token="<|endoftext|>"):
-  """A CLIP BPE tokenizer in the hub's layout: the 512 byte symbols, merges spelling WORDS,
-  the two special tokens; model_max_length 77."""
-  byte_map = bytes_to_unicode()
-  vocab = list(byte_map.values()) + [c + "</w>" for c in byte_map.values()]
-  merges = []
-  for word in WORDS:
-    symbols = list(word[:-1]) + [word[-1] + "</w>"]
-    while len(symbols) > 1:
-      pair = (symbols[0], symbols[1])
-      if pair not in merges:
-        merges.append(pair)
-        vocab.append(pair[0] + pair[1])
-      symbols = [pair[0] + pair[1]] + symbols[2:]
-  vocab += ["<|startoftext|>", "<|endoftext|>"]
-  os.makedirs(directory, exist_ok=True)
-  with open(os.path.join(directory, "vocab.json"), "w") as f:
-    json.dump({t: i for i, t in enumerate(vocab)}, f)
-  with open(os.path.join(directory, "merges.txt"), "w") as f:
-    f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
-  specials = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>",
-              "unk_token": "<|endoftext|>", "pad_token": pad_token}
-  with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
-    json.dump(dict(specials, model_max_length=77, tokenizer_class="CLIPTokenizer",
-                   do_lower_case=True), f)
-  with open(os.path.join(directory, "special_tokens_map.json"), "w") as f:
-    json.dump(specials, f)
-  return len(vocab)
+  """A CLIP BPE tokenizer in the hub's layout spelling WORDS; model_max_length 77."""
+  return write_clip_tokenizer(directory, WORDS, pad_token)
 
 
 VARIANTS = {

@@ -35,6 +35,7 @@ from typing import Any, Dict, List, Optional
 import ml_collections
 import numpy as np
 
+from jaxgen.convert.common import read_json
 from jaxgen.data.base import DatasetInfo
 from jaxgen.errors import ConfigError, DataError, cli
 
@@ -63,8 +64,7 @@ def read_meta(directory: str) -> Dict[str, Any]:
     raise DataError(f"latent cache {directory} {what}; write it with:\n  "
                     f"{write_command(directory)}\n(or set data.latent_cache='' to encode images "
                     "on the fly)")
-  with open(path) as f:
-    meta = json.load(f)
+  meta = read_json(path, f"a {FORMAT} description (the cache writer writes it last)", DataError)
   if meta.get("format") != FORMAT or meta.get("version") != VERSION:
     raise DataError(f"{path} is not a {FORMAT} v{VERSION} file; rewrite the cache with:\n  "
                     f"{write_command(directory)}")

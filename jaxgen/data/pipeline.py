@@ -3,12 +3,17 @@
 The pipeline is one global example stream that every process indexes the same way:
 
   records -> shuffle (fresh permutation per epoch) -> repeat -> per-example decode/augment
-          -> process p keeps stream positions p, p + P, p + 2P, ... -> batch of B / P
+          -> blocks of B / P -> process p keeps blocks p, p + P, p + 2P, ...
 
-so global batch k is always stream positions [k*B, (k+1)*B), whatever the process count, and
-an example's crop/flip depends only on (seed, its stream position). The iterator state is
-therefore one number, the count of global examples consumed: the same on every process, and
-restorable under another process count or another batch size that divides it.
+so global batch k is always stream positions [k*B, (k+1)*B) in order, and process p holds its
+contiguous rows [p*B/P, (p+1)*B/P): the global array `sharding.put_batch` assembles (process
+after process, as the devices of a process-major mesh hold the batch) is the same array for
+any process count, and an example's crop/flip depends only on (seed, its stream position).
+Together with the train step's per-example noise (keyed to the example's row of the global
+batch, jaxgen/diffusion/losses.py) a run follows the same trajectory on 1 or N processes. The
+iterator state is therefore one number, the count of global examples consumed: the same on
+every process, and restorable under another process count or another batch size that divides
+it.
 """
 
 import functools
@@ -123,6 +128,17 @@ class DataIterator:
     self._it.close()
 
 
+def _examples_of_process(total: int, block: int, process_index: int, process_count: int,
+                         drop_remainder: bool) -> int:
+  """Examples in blocks process_index, process_index + process_count, ... of `total` examples
+  cut into blocks of `block` (the last one partial unless dropped)."""
+  blocks = total // block if drop_remainder else -(-total // block)
+  mine = max(0, -(-(blocks - process_index) // process_count))
+  if mine and not drop_remainder and (blocks - 1) % process_count == process_index:
+    return (mine - 1) * block + total - (blocks - 1) * block
+  return mine * block
+
+
 def _make_example(source, split: str, flip: bool, permute: bool, record, rng=None) -> dict:
   example = source.example(split, record, rng)
   if flip:
@@ -188,9 +204,14 @@ def make_iterator(data_config: ml_collections.ConfigDict, *, split: str = "train
     ds = ds.random_map(example, seed=_derived_seed(seed, 1))
   else:
     ds = ds.map(example)
-  ds = ds[process_index::process_count]
-  num_examples = len(ds) if num_epochs is not None else None
-  ds = ds.batch(global_batch_size // process_count, drop_remainder=drop_remainder)
+  per_process = global_batch_size // process_count
+  num_examples = None
+  if num_epochs is not None:
+    num_examples = _examples_of_process(len(ds), per_process, process_index, process_count,
+                                        drop_remainder)
+  # Contiguous blocks, not every P-th example: the row order of a global batch (and with it
+  # every per-row random draw of the step) must not depend on the process count.
+  ds = ds.batch(per_process, drop_remainder=drop_remainder)[process_index::process_count]
   threads = int(data_config.get("num_threads", DEFAULT_THREADS[data_config.source]))
   prefetch = int(data_config.get("prefetch", threads))
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=prefetch))

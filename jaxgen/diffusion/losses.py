@@ -1,4 +1,11 @@
-"""The denoising training loss (simple MSE of Ho et al. 2020), with label dropout for CFG."""
+"""The denoising training loss (simple MSE of Ho et al. 2020), with label dropout for CFG.
+
+Every random draw attached to an example (its timestep, noise and label dropout) comes from that
+example's own key, `fold_in(key, row)` (`example_keys`), not from one draw of the whole batch's
+shape: an example's draws depend only on the step's key and its row in the global batch (the
+same example at any process count, jaxgen/data/pipeline.py), so they are the same on any mesh
+and any number of processes, and each device derives its rows' draws locally.
+"""
 
 from typing import Any, Callable, Dict, Optional, Tuple
 
@@ -43,10 +50,12 @@ def drop_labels(rng: jax.Array, cond: jax.Array, p: float,
                 null_label) -> Tuple[jax.Array, jax.Array]:
   """Replaces each batch entry of `cond` by `null_label` with probability p; returns (cond, mask).
 
+  Entry i's coin is drawn from `example_keys(rng, B)[i]`.
+
   `cond` is normally (B,) int labels and `null_label` the extra class index (num_classes); any
   array condition works with a `null_label` broadcastable to one entry (e.g. a null text embedding).
   """
-  dropped = jax.random.bernoulli(rng, p, (cond.shape[0],))
+  dropped = jax.vmap(lambda k: jax.random.bernoulli(k, p))(example_keys(rng, cond.shape[0]))
   mask = dropped.reshape(dropped.shape + (1,) * (cond.ndim - 1))
   return jnp.where(mask, jnp.asarray(null_label, cond.dtype), cond), dropped
 
@@ -64,7 +73,8 @@ def diffusion_loss(model_fn: ModelFn, x0: jax.Array, cond: Any, rng: jax.Array, 
       half was trained elsewhere (e.g. converted DiT weights).
     x0: clean data, NHWC.
     cond: the condition passed to model_fn (normally (B,) int labels, may be None).
-    rng: PRNG key; split into timestep, noise and label-dropout keys.
+    rng: PRNG key; split into timestep, noise and label-dropout keys, each folded with the row
+      index (`example_keys`) for that row's draws.
     schedule: the noise schedule; t ~ uniform{0, ..., T-1}.
     prediction: "eps" (target = noise) or "v" (target = sqrt(ab) eps - sqrt(1-ab) x0).
     label_dropout: probability of replacing each label by `null_label` (classifier-free guidance
@@ -82,8 +92,10 @@ def diffusion_loss(model_fn: ModelFn, x0: jax.Array, cond: Any, rng: jax.Array, 
   t_rng, noise_rng, drop_rng = jax.random.split(rng, 3)
   batch = x0.shape[0]
   x0 = x0.astype(jnp.float32)
-  t = jax.random.randint(t_rng, (batch,), 0, schedule.num_steps, dtype=jnp.int32)
-  noise = jax.random.normal(noise_rng, x0.shape, jnp.float32)
+  t = jax.vmap(lambda k: jax.random.randint(k, (), 0, schedule.num_steps, dtype=jnp.int32))(
+      example_keys(t_rng, batch))
+  noise = jax.vmap(lambda k: jax.random.normal(k, x0.shape[1:], jnp.float32))(
+      example_keys(noise_rng, batch))
   x_t = q_sample(schedule, x0, t, noise)
 
   dropped = jnp.zeros((batch,), bool)

@@ -16,16 +16,30 @@ Implementations (`impl`):
       width are padded) and Mosaic on TPU; on CPU it runs the same kernel with interpret=True.
   "xla": `vmap` over the batch of `lax.conv_general_dilated(feature_group_count=C)`.
   "shifts": kh*kw shifted multiply-adds with the per-sample taps (`jaxgen.kernels.
-      depthwise_conv`; stride 1, odd kernels): XLA:CPU's fast path.
+      depthwise_conv`; odd kernels): XLA:CPU's fast path. A stride s > 1 takes every s-th row
+      and column of the stride-1 sums (the same numbers: with padding k//2, output (h, w) of
+      stride s is output (s*h, s*w) of stride 1); XLA:CPU's vmapped strided conv instead
+      needs GiBs of scratch for its gradient at CaT's downsampling shapes (batch 32, 512
+      channels, 8x8: 4.6 GiB, 18 GFLOP more per train step than the rest of a small CaT).
   "folded": the batch folded into the channels, one grouped conv (CAN's reference form; kept for
       the benchmark only).
-  "auto": "pallas" on GPU / TPU; elsewhere "shifts" where it applies on CPU, else "xla" (the
+  "auto": "pallas" on GPU / TPU; elsewhere "shifts" for odd kernels on CPU, else "xla" (the
       platform is the default backend, or the target inside `jaxgen.kernels.target.
       lowering_for`, which jax.export artifacts are traced in: "xla" for a CUDA artifact).
 
 Gradients of the Pallas path come from a `jax.custom_vjp`: dx is the same Pallas kernel with
 the spatially flipped kernel (stride 1, odd kernels; XLA otherwise), dw is a per-sample
 correlation and db a spatial sum, both in XLA.
+
+Under a mesh: a Pallas call is opaque to XLA's SPMD partitioner (a custom call on GPU / TPU,
+a loop of dynamic slices in interpret mode), which would all-gather a batch-sharded x, w and b
+onto every device and compute the whole global batch everywhere. Traced under a mesh context
+(`sharding.mesh_context`, or `jax.set_mesh`; jaxgen's train step and `BatchRunner` set it)
+whose batch axes (data, fsdp) split the batch, the Pallas path runs in `jax.shard_map` over
+those axes instead (`sharding.on_batch_shards`): each device convolves its own samples (the
+conv is independent per sample, so nothing is communicated). Channels stay whole on
+each device. The "xla" and "shifts" paths are ordinary XLA ops that the partitioner splits
+by itself.
 """
 
 import functools
@@ -35,6 +49,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from jaxgen import sharding
 from jaxgen.kernels import depthwise_conv as dw_lib
 from jaxgen.kernels import target
 
@@ -215,10 +230,13 @@ _pallas_conv.defvjp(_pallas_conv_fwd, _pallas_conv_bwd)
 
 
 def ca_depthwise_conv_pallas(x, w, b=None, *, stride: int = 1, platform: Optional[str] = None):
-  """The Pallas path; `platform` ("gpu", "tpu", "cpu" = interpret mode) defaults to the backend."""
+  """The Pallas path; `platform` ("gpu", "tpu", "cpu" = interpret mode) defaults to the backend.
+  Under a mesh that splits the batch it runs on each device's samples
+  (`sharding.on_batch_shards`)."""
   platform = platform or _platform()
   bias = jnp.zeros((x.shape[0], x.shape[-1]), x.dtype) if b is None else b
-  return _pallas_conv(x, w, bias, stride, platform)
+  return sharding.on_batch_shards(
+      lambda x_, w_, b_: _pallas_conv(x_, w_, b_, stride, platform), x, w, bias)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -228,16 +246,17 @@ def ca_depthwise_conv_pallas(x, w, b=None, *, stride: int = 1, platform: Optiona
 def resolve_impl(impl: str, kernel_size=(3, 3), stride: int = 1) -> str:
   """"auto" -> "pallas" where the kernel compiles for the platform (`target.platform()`: GPU,
   TPU; not in a GPU export, where its Triton custom call is not stable: `target`), else
-  "shifts" on CPU (stride 1, odd kernels), else "xla"."""
+  "shifts" on CPU (odd kernels, any stride: strided by subsampling), else "xla"."""
+  del stride  # "shifts" computes every stride (see the module docstring).
   if impl not in IMPLS:
     raise ValueError(f"unknown ca_depthwise_conv impl {impl!r}; choose from {IMPLS}")
   if impl == "auto":
     if target.pallas_available():
       return "pallas"
-    return "shifts" if dw_lib.use_shifts(kernel_size, stride) else "xla"
-  if impl == "shifts" and not dw_lib.shifts_apply(kernel_size, stride):
-    raise ValueError(f"impl 'shifts' needs stride 1 and odd kernels, got kernel "
-                     f"{tuple(kernel_size)} stride {stride}; use impl='xla'")
+    return "shifts" if dw_lib.use_shifts(kernel_size, 1) else "xla"
+  if impl == "shifts" and not dw_lib.shifts_apply(kernel_size, 1):
+    raise ValueError(f"impl 'shifts' needs odd kernels, got kernel {tuple(kernel_size)}; use "
+                     "impl='xla'")
   return impl
 
 
@@ -256,7 +275,7 @@ def ca_depthwise_conv(x, w, b=None, *, stride: int = 1, impl: str = "auto"):
   impl = resolve_impl(impl, w.shape[1:3], stride)
   if impl == "shifts":
     y = dw_lib.shifted_depthwise_conv(x.astype(jnp.float32), w.astype(jnp.float32))
-    return _add_bias(y, b).astype(x.dtype)
+    return _add_bias(y[:, ::stride, ::stride], b).astype(x.dtype)
   if impl == "xla":
     return ca_depthwise_conv_xla(x, w, b, stride=stride)
   if impl == "folded":

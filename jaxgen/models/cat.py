@@ -18,8 +18,13 @@ EfficientViT blocks in `jaxgen.nn.efficientvit` and the condition-aware layers i
 The condition c = TimestepEmbedder(t) + LabelEmbedder(y) (null label = num_classes) enters only
 through the condition-aware layers, as in CaT (no adaLN): the patch embedding, every depthwise
 conv (the `ca_depthwise_conv` kernel; `ca_impl` picks Pallas or XLA) and the output head; each
-is a config flag. Norms are RMSNorm (EfficientViT's BatchNorm would mix samples of different
-timesteps), activations GELU(tanh), as EfficientViT-L.
+is a config flag. `adaln=True` adds the baseline CAN is compared with (for ablations), adaLN-Zero
+as DiT's: every residual branch (LiteMLA, the local module of a block with a shortcut) sees
+x normalised (RMS, no affine) then modulated, RMS(x) * (1 + scale(c)) + shift(c), and its
+output is multiplied by gate(c), x + gate(c) * branch(...), with shift/scale/gate from one
+zero-initialised linear of silu(c) per block; the head's norm is modulated the same way.
+Norms are RMSNorm (EfficientViT's BatchNorm would mix samples of different timesteps),
+activations GELU(tanh), as EfficientViT-L.
 
 Sizes (the paper's CaT widths/depths are not public). EfficientViT's classification stages run
 at 1/2 .. 1/32 of the image; a latent is already at 1/8 (SD-VAE) to 1/32 (DC-AE f32) of it, so
@@ -37,6 +42,7 @@ import functools
 from typing import Optional, Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from jaxgen.errors import ConfigError
@@ -59,26 +65,53 @@ class CaTBlock(nn.Module):
   strides: int = 1
   ca_depthwise: bool = True
   ca_impl: str = "auto"
+  adaln: bool = False  # adaLN-Zero on the residual branches (the downsampling block has none).
   dtype: Optional[jnp.dtype] = None
 
   @nn.compact
   def __call__(self, x, c):
     shortcut = self.strides == 1 and x.shape[-1] == self.features
+    branches = 2 if self.kind == "att" else 1
+    mods = (adaln_modulation(c, self.features, 3 * branches, self.dtype or x.dtype)
+            if self.adaln and shortcut else None)
+
+    def branch_input(x, i):
+      return x if mods is None else modulate(x, mods[3 * i], mods[3 * i + 1])
+
+    def add_branch(x, out, i):
+      return x + (out if mods is None else mods[3 * i + 2] * out)
+
     if self.kind == "att" and shortcut:
-      x = x + LiteMLA(self.features, dim=self.head_dim, norm=(None, NORM), scales=self.scales,
-                      dtype=self.dtype, name="context_module")(x)
+      x = add_branch(x, LiteMLA(self.features, dim=self.head_dim, norm=(None, NORM),
+                                scales=self.scales, dtype=self.dtype,
+                                name="context_module")(branch_input(x, 0)), 0)
+    h = branch_input(x, branches - 1)
     if self.kind == "fmb":
       out = FusedMBConv(self.features, strides=self.strides, expand_ratio=self.expand_ratio,
                         use_bias=(True, False), norm=(None, NORM), act=(ACT, None),
-                        dtype=self.dtype, name="local_module")(x)
+                        dtype=self.dtype, name="local_module")(h)
     else:  # "mb", and the local module of "att"
       dw_cls = (functools.partial(CADepthwiseConv, impl=self.ca_impl) if self.ca_depthwise
                 else None)
       mb = MBConv(self.features, strides=self.strides, expand_ratio=self.expand_ratio,
                   use_bias=(True, True, False), norm=(None, None, NORM), act=(ACT, ACT, None),
                   dtype=self.dtype, depthwise_conv_cls=dw_cls, name="local_module")
-      out = mb(x, cond=c) if self.ca_depthwise else mb(x)
-    return x + out if shortcut else out
+      out = mb(h, cond=c) if self.ca_depthwise else mb(h)
+    return add_branch(x, out, branches - 1) if shortcut else out
+
+
+def adaln_modulation(c, features: int, chunks: int, dtype):
+  """`chunks` (B, 1, 1, features) maps from one zero-initialised linear of silu(c)."""
+  m = nn.Dense(chunks * features, kernel_init=nn.initializers.zeros,
+               bias_init=nn.initializers.zeros, name="adaLN_modulation")(nn.silu(c))
+  return jnp.split(m[:, None, None, :].astype(dtype), chunks, axis=-1)
+
+
+def modulate(x, shift, scale, eps: float = 1e-6):
+  """adaLN: RMS-normalised x (no affine parameters; statistics in fp32), scaled and shifted."""
+  x32 = x.astype(jnp.float32)
+  y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + eps)
+  return (y * (1 + scale) + shift).astype(x.dtype)
 
 
 class CaT(nn.Module):
@@ -98,6 +131,7 @@ class CaT(nn.Module):
   ca_depthwise: bool = True
   ca_head: bool = True
   ca_impl: str = "auto"
+  adaln: bool = False
   dtype: Optional[jnp.dtype] = None
 
   def _check(self, h, w):
@@ -137,8 +171,8 @@ class CaT(nn.Module):
       for i in range(self.depths[level]):
         x = CaTBlock(self.block_kinds[level], self.widths[level], self.expand_ratios[level],
                      self.head_dim, tuple(self.scales), first_stride if i == 0 else 1,
-                     self.ca_depthwise, self.ca_impl, self.dtype,
-                     name=f"{prefix}_{level}_block_{i}")(x, c)
+                     ca_depthwise=self.ca_depthwise, ca_impl=self.ca_impl, adaln=self.adaln,
+                     dtype=self.dtype, name=f"{prefix}_{level}_block_{i}")(x, c)
       return x
 
     skips = []
@@ -161,7 +195,11 @@ class CaT(nn.Module):
                     name=f"up_{level}_skip")(jnp.concatenate([x, skips.pop()], axis=-1))
       x = blocks(x, level, "dec")
 
-    x = nn.gelu(RMSNorm2d(dtype=self.dtype, name="norm_out")(x), approximate=True)
+    x = RMSNorm2d(dtype=self.dtype, name="norm_out")(x)
+    if self.adaln:  # As DiT's final layer: the head's norm modulated by c.
+      shift, scale = adaln_modulation(c, x.shape[-1], 2, x.dtype)
+      x = x * (1 + scale) + shift
+    x = nn.gelu(x, approximate=True)
     head = p * p * out_channels
     if self.ca_head:
       x = CAConv(head, (1, 1), kernel_init=nn.initializers.zeros, dtype=self.dtype,

@@ -34,6 +34,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxgen import sharding
 from jaxgen.kernels.ca_depthwise_conv import ca_depthwise_conv
 
 Dtype = Any
@@ -124,7 +125,9 @@ class CAConv(nn.Module):
 
     if self.rank is None:
       wc = WeightGenerator(shape, dtype=self.dtype, name="weight_generator")(cond)
-      y = jax.vmap(lambda xb, kb: conv(xb[None], kb)[0])(x, kernel + wc)
+      per_sample = lambda xs, ks: jax.vmap(lambda xb, kb: conv(xb[None], kb)[0])(xs, ks)
+      # XLA's partitioner all-gathers a vmapped per-sample conv: run it per batch shard.
+      y = sharding.on_batch_shards(per_sample, x, kernel + wc)
     else:
       basis_in = self.param("basis_in", nn.initializers.lecun_normal(in_axis=(0, 1, 2)),
                             (kh, kw, x.shape[-1], self.rank))

@@ -3,6 +3,8 @@
 Orbax writes each step to a temporary directory and renames it when complete, so a run killed
 mid-save never leaves a half-written step that looks finished. Restoring walks back from the
 newest step when one is unreadable and says so; it never silently starts from scratch.
+Process 0 prints `checkpoint: step N complete in DIR` once a step is in place (an async save:
+at the first `announce` after it landed), so a log shows where a rerun would resume.
 """
 
 import json
@@ -30,6 +32,7 @@ class Checkpointer:
     self.manager = ocp.CheckpointManager(
         self.directory, options=options,
         item_names=("state", "data", "config"))
+    self._unannounced: Optional[int] = None  # Saved step not yet reported complete.
 
   def latest_step(self) -> Optional[int]:
     return self.manager.latest_step()
@@ -39,12 +42,26 @@ class Checkpointer:
 
   def save(self, step: int, state, data_state: Any, config: ml_collections.ConfigDict,
            force: bool = False) -> bool:
-    return self.manager.save(
+    if self._unannounced is not None:
+      self.wait()  # Orbax waits for the previous save anyway; report it first.
+    saved = self.manager.save(
         step, force=force,
         args=ocp.args.Composite(
             state=ocp.args.StandardSave(state),
             data=ocp.args.JsonSave(data_state or {}),
             config=ocp.args.JsonSave(json.loads(config.to_json()))))
+    if saved:
+      self._unannounced = step
+      self.announce()
+    return saved
+
+  def announce(self) -> None:
+    """Reports the last saved step once it is complete on disk (cheap; call after each step)."""
+    if self._unannounced is None or self.manager.is_saving_in_progress():
+      return
+    step, self._unannounced = self._unannounced, None
+    if jax.process_index() == 0:
+      print(f"checkpoint: step {step} complete in {self.directory}", flush=True)
 
   def restore(self, abstract_state, step: Optional[int] = None) -> Tuple[Any, Any, int]:
     """Restores `step` (default: newest readable). Returns (state, data_state, step).
@@ -81,9 +98,10 @@ class Checkpointer:
 
   def wait(self):
     self.manager.wait_until_finished()
+    self.announce()
 
   def close(self):
-    self.manager.wait_until_finished()
+    self.wait()
     self.manager.close()
 
 

@@ -228,8 +228,9 @@ def make_jitted_step(setup: Setup):
   rules = sharding.logical_rules(setup.config.mesh)
 
   def step_with_rules(state, batch, rng):
-    # Modules that name activation / parameter axes resolve them with the config's rules.
-    with nn.logical_axis_rules(rules):
+    # Modules that name activation / parameter axes resolve them with the config's rules;
+    # custom kernels run per batch shard of the mesh (sharding.mesh_context).
+    with nn.logical_axis_rules(rules), sharding.mesh_context(mesh):
       return step_fn(state, batch, rng)
 
   repl = sharding.replicated(mesh)
@@ -290,6 +291,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
       state, metrics = step_fn(state, batch, rng)
       batch = None
       step += 1
+      setup.checkpointer.announce()  # Logs an async checkpoint that has landed since.
       pending.append(metrics)
       preempted = config.checkpoint.get("save_on_preemption", True) and guard.should_stop(step)
       if step % t.log_every == 0 or step == end or preempted:
