@@ -80,8 +80,8 @@ def autoencoder_training() -> ml_collections.ConfigDict:
                         zero_init_shortcut_convs=True, num_visual=16)
   ae.optimizer.update(lr=1e-3, b1=0.9, b2=0.99, weight_decay=1e-4, schedule="one_cycle",
                       warmup_frac=0.05, grad_clip=1.0, ema_decay=0.999)
-  ae.training.update(batch_size=32, steps=1000, log_every=100, sample_every=1000)
-  ae.checkpoint.update(every=1000, keep=1)
+  ae.training.update(batch_size=32, steps=800, log_every=100, sample_every=800)
+  ae.checkpoint.update(every=800, keep=1)
   ae.sample.update(batch_size=100)
   return ml_collections.ConfigDict({k: ae[k] for k in (
       "autoencoder", "optimizer", "training", "checkpoint", "sample", "eval")})
@@ -109,7 +109,7 @@ def get_config(arg=None):
                           label_dropout=0.1, min_snr_gamma=5.0))
   c.optimizer.update(dict(lr=2e-3, weight_decay=0.0, schedule="one_cycle", warmup_frac=0.1,
                           grad_clip=1.0, ema_decay=0.995))
-  c.training.update(dict(batch_size=32, steps=6000, log_every=100, sample_every=6000))
+  c.training.update(dict(batch_size=32, steps=4000, log_every=100, sample_every=4000))
   c.checkpoint.update(dict(every=500, keep=2))
   c.sample.update(dict(method="dpmpp_2m", num_steps=20, guidance_scale=3.0, num_per_class=10,
                        batch_size=250))
