@@ -7,7 +7,7 @@ Settings (each config's presets are the arms; everything else in an arm is ident
   dit_pixels   configs/can_ablation.py: a small DiT on MNIST-5k pixels (14x14, patch 2);
                default workdir workdirs/can_ablation
   cat_latents  configs/can_digits.py: CaT on the latents of a small DC-AE (MNIST-5k 32x32 ->
-               8x8x8), the paper's own setting in miniature. The autoencoder and the latent
+               4x4x16), the paper's own setting in miniature. The autoencoder and the latent
                cache are trained / written once, in WORKDIR/autoencoder and WORKDIR/latents
                (jaxgen/tasks/two_stage.py), and shared by the arms; default workdir
                workdirs/can_ablation_cat

@@ -1,15 +1,20 @@
-"""Sampling throughput of jaxgen's DiTPipeline against diffusers' in the same process, and the
+"""Sampling throughput of jaxgen's pipelines against diffusers' in the same process, and the
 batch-1 memory of the published pipelines.
 
-  python -m benchmarks.pipeline_throughput [--size=S] [--resolution=256] [--batch=4]
-      [--steps=25] [--guidance=4] [--repeats=3] [--dtype=float32|bfloat16]
-      [--memory] [--json=OUT.json]
+  python -m benchmarks.pipeline_throughput [--pipeline=dit|sd] [--size=S] [--sd_width=320]
+      [--resolution=256] [--batch=4] [--steps=25] [--guidance=4] [--repeats=3]
+      [--dtype=float32|bfloat16] [--memory] [--json=OUT.json]
 
-Both pipelines are built from one random DiTPipeline saved by diffusers (DiT-{size}/2 at
-`resolution` with the SD-VAE decoder of `facebook/DiT-XL-2-*`: block_out_channels
-128/256/512/512), sample `batch` images from the same latents with DDIM and guidance, and
-decode them. Reported: images/s (median over repeats, compilation excluded for jaxgen, one
-untimed warm-up call for both) and the max abs difference of the two sets of images.
+Both pipelines are built from one random pipeline saved by diffusers and sample `batch` images
+from the same latents with guidance, then decode them:
+  dit  DiTPipeline: DiT-{size}/2 at `resolution`, DDIM, with the SD-VAE decoder of
+       `facebook/DiT-XL-2-*` (block_out_channels 128/256/512/512).
+  sd   StableDiffusionPipeline with SD-1.5's structure: its UNet2DConditionModel with
+       block_out_channels sd_width x (1, 2, 4, 4) (320: SD-1.5's own), CLIP ViT-L/14's text
+       encoder (12 layers, width 768, a cut-down vocabulary), the SD-VAE, its PNDM scheduler
+       config; `batch` different prompts, an empty negative prompt.
+Reported: images/s (median over repeats, compilation excluded for jaxgen, one untimed warm-up
+call for both) and the max abs difference of the two sets of images.
 
 --memory adds, for each published pipeline at batch 1 (DiT-XL/2 256 and 512 with the SD-VAE;
 the DC-AE paper's f32c32 + UViT-H / DiT-XL and f64c128 + UViT-H at 512), the weights and the
@@ -20,6 +25,7 @@ keeps the peak independent of the step count), on this machine's device.
 import argparse
 import datetime
 import json
+import os
 import platform
 import statistics
 import tempfile
@@ -39,7 +45,9 @@ SD_VAE = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2,
 def parse_args(argv=None):
   p = argparse.ArgumentParser(prog="python -m benchmarks.pipeline_throughput",
                               description=__doc__.split("\n\n")[0])
-  p.add_argument("--size", choices=sorted(SIZES), default="S")
+  p.add_argument("--pipeline", choices=("dit", "sd"), default="dit")
+  p.add_argument("--size", choices=sorted(SIZES), default="S", help="DiT size (dit)")
+  p.add_argument("--sd_width", type=int, default=320, help="the U-Net's base width (sd)")
   p.add_argument("--resolution", type=int, default=256)
   p.add_argument("--batch", type=int, default=4)
   p.add_argument("--steps", type=int, default=25)
@@ -65,6 +73,44 @@ def build_diffusers(size: str, resolution: int):
   vae = diffusers.AutoencoderKL(**SD_VAE)
   scheduler = diffusers.DDIMScheduler(beta_schedule="linear", clip_sample=False)
   return diffusers.DiTPipeline(transformer=transformer, vae=vae, scheduler=scheduler)
+
+
+SD15_SCHEDULER = dict(_class_name="PNDMScheduler", beta_start=0.00085, beta_end=0.012,
+                      beta_schedule="scaled_linear", skip_prk_steps=True, steps_offset=1,
+                      set_alpha_to_one=False, clip_sample=False)
+SD_WORDS = ("photo", "painting", "of", "cat", "dog", "house", "tree", "car", "red", "blue")
+
+
+def sd_prompts(n: int):
+  nouns, styles = SD_WORDS[3:8], ("a photo of a", "a painting of a", "a red", "a blue")
+  return [f"{styles[i % len(styles)]} {nouns[i % len(nouns)]}" for i in range(n)]
+
+
+def build_diffusers_sd(width: int, resolution: int, directory: str):
+  """A random StableDiffusionPipeline of SD-1.5's structure, saved to `directory`."""
+  import diffusers  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+  from jaxgen.text.tiny_vocab import write_clip_tokenizer  # pylint: disable=g-import-not-at-top
+  torch.manual_seed(0)
+  unet = diffusers.UNet2DConditionModel(
+      sample_size=resolution // 8, block_out_channels=tuple(width * m for m in (1, 2, 4, 4)),
+      attention_head_dim=8, cross_attention_dim=768)
+  source = os.path.join(directory, "tokenizer_src")
+  vocab = write_clip_tokenizer(source, SD_WORDS)
+  tokenizer = transformers.CLIPTokenizer.from_pretrained(source)
+  text_encoder = transformers.CLIPTextModel(transformers.CLIPTextConfig(
+      vocab_size=vocab, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+      num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu",
+      bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+      pad_token_id=tokenizer.pad_token_id))
+  vae = diffusers.AutoencoderKL(**dict(SD_VAE, sample_size=resolution))
+  scheduler = diffusers.PNDMScheduler.from_config(SD15_SCHEDULER)
+  diffusers.StableDiffusionPipeline(
+      unet=unet, text_encoder=text_encoder, tokenizer=tokenizer, vae=vae, scheduler=scheduler,
+      safety_checker=None, feature_extractor=None,
+      requires_safety_checker=False).save_pretrained(os.path.join(directory, "sd"))
+  return os.path.join(directory, "sd")
 
 
 def time_call(fn, repeats: int):
@@ -148,56 +194,84 @@ def main(argv=None):
     return
   import jax  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
-  from jaxgen.pipelines import load_pipeline  # pylint: disable=g-import-not-at-top
   import diffusers  # pylint: disable=g-import-not-at-top
-  labels = list(range(args.batch))
-  with tempfile.TemporaryDirectory() as d:
-    build_diffusers(args.size, args.resolution).save_pretrained(d)
-    pipe = load_pipeline(d, dtype=args.dtype)
-    # Read back as a user does: eval mode (a fresh DiT drops labels at random in train mode).
-    ref = diffusers.DiTPipeline.from_pretrained(d)
-  s = args.resolution // 8
-  latents = torch.randn(args.batch, 4, s, s, generator=torch.Generator().manual_seed(0))
-  latents_nhwc = latents.permute(0, 2, 3, 1).numpy()
-
-  ours = {}
-
-  def run_jax():
-    ours["images"] = pipe(labels, num_inference_steps=args.steps,
-                          guidance_scale=args.guidance, latents=latents_nhwc)
-  t_jax = time_call(run_jax, args.repeats)
+  model, ours, theirs, t_jax, t_torch = time_pipelines(args)
   result = {
       "benchmark": "pipeline_throughput", "date": datetime.date.today().isoformat(),
       "device": jax.devices()[0].device_kind, "platform": platform.platform(),
       "versions": {"jax": jax.__version__, "torch": torch.__version__,
                    "diffusers": diffusers.__version__},
-      "size": f"DiT-{args.size}/2", "resolution": args.resolution, "batch": args.batch,
-      "steps": args.steps, "guidance": args.guidance, "dtype": args.dtype,
-      "jaxgen_images_per_s": args.batch / t_jax}
-  if not args.skip_torch:
-    theirs = {}
-    orig_randn = diffusers.pipelines.dit.pipeline_dit.randn_tensor
-
-    def run_torch():
-      # diffusers' DiTPipeline draws its own latents: hand it ours.
-      diffusers.pipelines.dit.pipeline_dit.randn_tensor = lambda *a, **k: latents.clone()
-      try:
-        theirs["images"] = ref(class_labels=labels, num_inference_steps=args.steps,
-                               guidance_scale=args.guidance, output_type="np").images
-      finally:
-        diffusers.pipelines.dit.pipeline_dit.randn_tensor = orig_randn
-    ref.set_progress_bar_config(disable=True)
-    with torch.inference_mode():
-      t_torch = time_call(run_torch, args.repeats)
+      "pipeline": args.pipeline, "model": model, "resolution": args.resolution,
+      "batch": args.batch, "steps": args.steps, "guidance": args.guidance,
+      "dtype": args.dtype, "jaxgen_images_per_s": args.batch / t_jax}
+  if t_torch is not None:
     result.update(diffusers_images_per_s=args.batch / t_torch, ratio=t_torch / t_jax,
                   torch_threads=torch.get_num_threads(),
-                  max_abs_diff=float(np.max(np.abs(ours["images"] - theirs["images"]))))
+                  max_abs_diff=float(np.max(np.abs(ours - theirs))))
   if args.memory:
     result["batch1_memory"] = memory_rows(args.dtype)
   print(json.dumps(result, indent=1))
   if args.json:
     with open(args.json, "w") as f:
       json.dump(result, f, indent=1)
+
+
+def dit_runners(args):
+  """(model name, jaxgen call, diffusers call): each maps NCHW torch latents to images."""
+  import diffusers  # pylint: disable=g-import-not-at-top
+  from jaxgen.pipelines import load_pipeline  # pylint: disable=g-import-not-at-top
+  labels = list(range(args.batch))
+  with tempfile.TemporaryDirectory() as d:
+    build_diffusers(args.size, args.resolution).save_pretrained(d)
+    pipe = load_pipeline(d, dtype=args.dtype)
+    # Read back as a user does: eval mode (a fresh DiT drops labels at random in train mode).
+    ref = diffusers.DiTPipeline.from_pretrained(d)
+  kwargs = dict(num_inference_steps=args.steps, guidance_scale=args.guidance)
+  module = diffusers.pipelines.dit.pipeline_dit
+
+  def theirs(latents):
+    # diffusers' DiTPipeline draws its own latents: hand it ours.
+    orig_randn, module.randn_tensor = module.randn_tensor, lambda *a, **k: latents.clone()
+    try:
+      return ref(class_labels=labels, output_type="np", **kwargs).images
+    finally:
+      module.randn_tensor = orig_randn
+  ours = lambda latents: pipe(labels, latents=latents.permute(0, 2, 3, 1).numpy(), **kwargs)
+  return f"DiT-{args.size}/2", ours, theirs, ref
+
+
+def sd_runners(args):
+  """As dit_runners, for the Stable Diffusion pipeline (`batch` prompts, empty negatives)."""
+  import diffusers  # pylint: disable=g-import-not-at-top
+  from jaxgen.pipelines import load_pipeline  # pylint: disable=g-import-not-at-top
+  prompts = sd_prompts(args.batch)
+  with tempfile.TemporaryDirectory() as d:
+    path = build_diffusers_sd(args.sd_width, args.resolution, d)
+    pipe = load_pipeline(path, dtype=args.dtype)
+    ref = diffusers.StableDiffusionPipeline.from_pretrained(path, safety_checker=None)
+  kwargs = dict(num_inference_steps=args.steps, guidance_scale=args.guidance,
+                height=args.resolution, width=args.resolution)
+  ours = lambda latents: pipe(prompts, latents=latents.permute(0, 2, 3, 1).numpy(), **kwargs)
+  theirs = lambda latents: ref(prompts, latents=latents.clone(), output_type="np",
+                               **kwargs).images
+  return f"SD-1.5 structure, U-Net width {args.sd_width}", ours, theirs, ref
+
+
+def time_pipelines(args):
+  """(model, jaxgen images, diffusers images | None, jaxgen s, diffusers s | None), both
+  pipelines sampling from the same latents."""
+  import torch  # pylint: disable=g-import-not-at-top
+  model, ours, theirs, ref = (dit_runners if args.pipeline == "dit" else sd_runners)(args)
+  s = args.resolution // 8
+  latents = torch.randn(args.batch, 4, s, s, generator=torch.Generator().manual_seed(0))
+  out = {}
+  t_jax = time_call(lambda: out.update(ours=ours(latents)), args.repeats)
+  if args.skip_torch:
+    return model, out["ours"], None, t_jax, None
+  ref.set_progress_bar_config(disable=True)
+  with torch.inference_mode():
+    t_torch = time_call(lambda: out.update(theirs=theirs(latents)), args.repeats)
+  return model, out["ours"], out["theirs"], t_jax, t_torch
 
 
 if __name__ == "__main__":

@@ -23,18 +23,11 @@ Then `--mode=sample` writes samples/grid.png (a row per digit, decoded through t
 `--mode=eval` the class accuracy of 1000 samples under jaxgen's digit classifier and the
 autoencoder's PSNR on the 1000 held-out digits.
 
-Sizing (2026-12-02, this 2-core CPU shared with other jobs; class accuracy of 300-500 samples,
-DPM-Solver++ 20 steps): f4 latents (8x8x8) with CaT widths 64,128 cost 0.36 CPU-s per step and
-after 2000 steps drew stroke salad (class accuracy 0.08 at guidance 1, 0.24 at 5); f8 latents
-(4x4x16) cost a third as much per step, 0.12 CPU-s: 4000 steps at lr 1e-3 reached 0.84 at
-guidance 3 (0.91 at 8, blotchy), lr 2e-3 and 5000 steps 0.994 at guidance 3. This config (800
-autoencoder steps, 4000 CaT steps at lr 2e-3) measured: class accuracy 0.967 on 1000 samples at
-guidance 3, autoencoder PSNR 27.9 dB on the held-out digits; 648 CPU-s for the command.
-The linear schedule, as the ImageNet configs, not the cosine: with eps prediction and no x0
-clipping (latents are unbounded) the cosine schedule's first sampler step multiplies the eps
-error by sqrt(ab_979 / ab_999) = 632 and every sample exploded (linear: 1.22). LiteMLA without
-its 5x5 multi-scale aggregation (`scales=()`): it cost 43% of the step on CPU (its grouped 1x1
-conv), and the EfficientViT level is 2x2 here.
+Choices that matter here (measurements: BENCHMARKS.md, "The flagship on digits"): f8 latents
+(4x4x16), not f4 (8x8x8), a third of the CaT step's cost; the linear schedule, not the cosine
+(with eps prediction and no x0 clipping of unbounded latents, the cosine schedule's first
+sampler step multiplies the eps error by sqrt(ab_979 / ab_999), about 632); LiteMLA without its
+5x5 multi-scale aggregation (`scales=()`: at a 2x2 level it only adds its grouped 1x1 conv's cost).
 Presets: `:smoke` (seconds: tiny autoencoder and CaT, a few steps per stage; the tests run it);
 the arms of the CAN vs adaLN comparison on these latents (`python -m benchmarks.can_ablation
 --setting=cat_latents`), everything else equal: `:can` (this config), `:adaln` (no condition-
@@ -46,6 +39,7 @@ import ml_collections
 from configs import common
 from configs import common_latent
 from configs import dcae_f32c32
+from configs import dcae_photos
 
 # CaT with two levels on 4x4 latents (4x4 MBConv blocks, 2x2 EfficientViT blocks), condition
 # through the CA layers alone, as CaT.
@@ -76,10 +70,7 @@ def autoencoder_model(widths=(16, 32, 64, 64), latent_channels: int = 16) -> dic
 def autoencoder_training() -> ml_collections.ConfigDict:
   """Stage 1: the sections of the autoencoder's own run (model, data, mesh, seed: the run's)."""
   ae = dcae_f32c32.autoencoder_base()
-  ae.autoencoder.update(l1_weight=0.0, l2_weight=1.0, lpips_weight=0.0, use_ema=False,
-                        zero_init_shortcut_convs=True, num_visual=16)
-  ae.optimizer.update(lr=1e-3, b1=0.9, b2=0.99, weight_decay=1e-4, schedule="one_cycle",
-                      warmup_frac=0.05, grad_clip=1.0, ema_decay=0.999)
+  dcae_photos.mse_recipe(ae)
   ae.training.update(batch_size=32, steps=800, log_every=100, sample_every=800)
   ae.checkpoint.update(every=800, keep=1)
   ae.sample.update(batch_size=100)

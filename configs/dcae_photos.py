@@ -51,15 +51,22 @@ def model() -> dict:
   return m
 
 
+def mse_recipe(c: ml_collections.ConfigDict) -> None:
+  """The loss and optimizer of this config's autoencoder run (MSE only, zero-initialised
+  shortcut convs, AdamW one-cycle), applied in place; configs/can_digits.py trains its
+  autoencoder with it too."""
+  c.autoencoder.update(l1_weight=0.0, l2_weight=1.0, lpips_weight=0.0, use_ema=False,
+                       zero_init_shortcut_convs=True, num_visual=16)
+  c.optimizer.update(lr=1e-3, b1=0.9, b2=0.99, weight_decay=1e-4, schedule="one_cycle",
+                     warmup_frac=0.05, grad_clip=1.0, ema_decay=0.999)
+
+
 def get_config(arg=None):
   c = dcae_f32c32.autoencoder_base()
   c.model = ml_collections.ConfigDict(model())
   c.data.update(source="photos", tfds_name="", image_size=64, random_flip=True, num_classes=1,
                 crops_per_photo=1000, random_channel_order=True)
-  c.autoencoder.update(l1_weight=0.0, l2_weight=1.0, lpips_weight=0.0, use_ema=False,
-                       zero_init_shortcut_convs=True, num_visual=16)
-  c.optimizer.update(lr=1e-3, b1=0.9, b2=0.99, weight_decay=1e-4, schedule="one_cycle",
-                     warmup_frac=0.05, grad_clip=1.0, ema_decay=0.999)
+  mse_recipe(c)
   c.training.update(batch_size=8, steps=10000, log_every=100, sample_every=5000)
   c.checkpoint.update(every=5000, keep=2)
   c.sample.update(batch_size=88)

@@ -15,7 +15,9 @@
 # run, handy to test one before paying for it. Process 0's output is shown; the others log to
 # $WORKDIR_LOGS/proc_K.log.
 #
-# Environment: PORT [29500] coordinator port; PYTHON [python3]; WORKDIR_LOGS [launch_logs].
+# Environment: PORT [29500] coordinator port; PYTHON [python3]; WORKDIR_LOGS [launch_logs];
+# HEARTBEAT_TIMEOUT_S (when set: --config.mesh.heartbeat_timeout_s for every process);
+# DRY_RUN [0]: 1 = print each process's environment and command instead of starting it.
 # Ctrl-C / SIGTERM is forwarded: the trainer saves a checkpoint and exits; rerun to resume.
 set -euo pipefail
 
@@ -23,7 +25,7 @@ PROCS=1
 while [[ $# -gt 0 && "$1" != "--" ]]; do
   case "$1" in
     --procs=*) PROCS="${1#--procs=}" ;;
-    -h|--help) sed -n '2,21p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,23p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "error: unknown option $1 (options go before --)" >&2; exit 2 ;;
   esac
   shift
@@ -34,10 +36,16 @@ if [[ $# -eq 0 ]]; then
   exit 2
 fi
 PYTHON="${PYTHON:-python3}"
+DRY_RUN="${DRY_RUN:-0}"
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
+ARGS=("$@")
+if [[ -n "${HEARTBEAT_TIMEOUT_S:-}" ]]; then
+  ARGS+=(--config.mesh.heartbeat_timeout_s="$HEARTBEAT_TIMEOUT_S")
+fi
 
 if [[ "$PROCS" == "1" ]]; then
-  exec "$PYTHON" -m jaxgen.main "$@"
+  if [[ "$DRY_RUN" == "1" ]]; then printf '%q ' "$PYTHON" -m jaxgen.main "${ARGS[@]}"; echo; exit 0; fi
+  exec "$PYTHON" -m jaxgen.main "${ARGS[@]}"
 fi
 
 PORT="${PORT:-29500}"
@@ -48,8 +56,13 @@ forward() { kill -TERM "${PIDS[@]}" 2>/dev/null || true; }
 trap forward INT TERM
 for ((i = 0; i < PROCS; i++)); do
   if [[ $i -eq 0 ]]; then out=/dev/stdout; else out="$LOGS/proc_$i.log"; fi
-  JAX_COORDINATOR_ADDRESS="localhost:$PORT" JAX_NUM_PROCESSES="$PROCS" JAX_PROCESS_ID="$i" \
-    JAX_LOCAL_DEVICE_IDS="$i" "$PYTHON" -m jaxgen.main "$@" >"$out" 2>&1 &
+  env=(JAX_COORDINATOR_ADDRESS="localhost:$PORT" JAX_NUM_PROCESSES="$PROCS"
+       JAX_PROCESS_ID="$i" JAX_LOCAL_DEVICE_IDS="$i")
+  if [[ "$DRY_RUN" == "1" ]]; then
+    printf '%q ' env "${env[@]}" "$PYTHON" -m jaxgen.main "${ARGS[@]}"; echo "> $out"
+    continue
+  fi
+  env "${env[@]}" "$PYTHON" -m jaxgen.main "${ARGS[@]}" >"$out" 2>&1 &
   PIDS+=($!)
 done
 status=0

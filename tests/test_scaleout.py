@@ -348,3 +348,31 @@ def test_launch_scripts_are_valid_bash_with_usage():
     assert proc.returncode == 0, proc.stderr
     head = open(path).read()[:3000]
     assert "Usage" in head and name in readme
+
+
+def test_launch_dry_runs_print_the_per_host_commands():
+  """DRY_RUN=1: each script prints what it would run (no gcloud / srun / training started)."""
+  launch = os.path.join(ROOT, "launch")
+  args = ["--", "--config=configs/unet_mnist.py:smoke", "--workdir=w"]
+
+  def dry(script, *argv, **env):
+    proc = subprocess.run(["bash", os.path.join(launch, script), *argv], capture_output=True,
+                          text=True, check=False, env=dict(os.environ, DRY_RUN="1", **env))
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.splitlines()
+
+  tpu = dry("tpu_pod.sh", "run", *args, TPU_NAME="t", HEARTBEAT_TIMEOUT_S="77")
+  assert len(tpu) == 1 and "ssh t" in tpu[0] and "--worker=all" in tpu[0]
+  assert "--config.mesh.distributed=on" in tpu[0]
+  assert "--config.mesh.heartbeat_timeout_s=77" in tpu[0]
+  assert "--config.mesh.init_timeout_s=900" in tpu[0]
+  assert [line.split()[0] for line in dry("tpu_pod.sh", "all", *args)] == [
+      "gcloud", "tar", "gcloud", "gcloud", "gcloud", "mkdir", "gcloud"]
+  gpu = dry("gpu_single_host.sh", "--procs=2", *args, PORT="1234")
+  assert len(gpu) == 2
+  for i, line in enumerate(gpu):
+    assert f"JAX_PROCESS_ID={i}" in line and "JAX_COORDINATOR_ADDRESS=localhost:1234" in line
+    assert "JAX_NUM_PROCESSES=2" in line and "--workdir=w" in line
+  slurm = dry("slurm_multinode.sbatch", *args[1:], HEARTBEAT_TIMEOUT_S="60")
+  assert slurm[0].startswith("srun --kill-on-bad-exit=1")
+  assert "--config.mesh.heartbeat_timeout_s=60" in slurm[0]

@@ -217,6 +217,23 @@ def test_prompts_sizes_and_errors(pipelines):
     ours("a cat", latents=np.zeros((1, 4, 8, 8), np.float32))
 
 
+def test_stochastic_steps_draw_per_image_noise(pipelines):
+  """DDIM with eta > 0 (diffusers' `eta=`; eta=0 is the deterministic default): each image's
+  step noise comes from its own key, so an image is the same alone or in a batch, and differs
+  from the eta=0 image."""
+  _, _, ours, _ = pipelines("sd15")
+  latents = np.random.RandomState(0).randn(2, 8, 8, 4).astype(np.float32)
+  kwargs = dict(num_inference_steps=3, guidance_scale=1.0, scheduler="ddim")
+  both = ours(PROMPTS, latents=latents, eta=1.0, **kwargs)
+  alone = ours(PROMPTS[1:], latents=latents[1:], eta=1.0, **kwargs)
+  np.testing.assert_allclose(alone[0], both[1], atol=1e-6)
+  assert np.abs(both[0] - both[1]).max() > 1e-3
+  deterministic = ours(PROMPTS[1:], latents=latents[1:], eta=0.0, **kwargs)
+  assert np.abs(deterministic[0] - alone[0]).max() > 1e-4
+  with pytest.raises(ConfigError, match="eta must be >= 0"):
+    ours("a cat", eta=-1.0)
+
+
 def test_generate_cli(pipelines, tmp_path, capsys):
   """`python -m jaxgen.generate --model=DIR --prompt=...` on all devices, without guidance:
   the PNGs are diffusers' images from the noise jaxgen draws for the seed."""

@@ -37,8 +37,9 @@ Conventions matched (diffusers' own, not jaxgen's training convention):
   variance (DDPM "learned"/"learned_range", DPM-Solver's `variance_type`), uses the LAST axis
   (jaxgen's NHWC; diffusers splits axis 1 of NCHW).
 * Noise: a stochastic step (DDPM, Euler ancestral, DDIM with eta > 0, SDE DPM-Solver) draws
-  `jax.random.normal(rng, sample.shape, float32)` from the key it is given; `denoise` passes
-  `fold_in(rng, i)` at evaluation i. Same distribution as diffusers, not torch's stream.
+  `jax.random.normal(rng, sample.shape, float32)` from the key it is given, or with one key per
+  row (a (B,) batch of keys) row b's noise from key b; `denoise` passes `fold_in(rng, i)` at
+  evaluation i. Same distribution as diffusers, not torch's stream.
 * The caller scales the initial noise by `plan.init_noise_sigma` (diffusers' prepare_latents).
 
 Relation to `jaxgen.diffusion.samplers`: that module is jaxgen's own DDPM / DDIM / DPM++(2M)
@@ -382,6 +383,10 @@ class Scheduler:
     if rng is None:
       raise ConfigError(f"{self.class_name} with this config draws noise at every step: pass "
                         "an rng key to step / denoise.")
+    rng = jnp.asarray(rng)
+    typed = jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key)
+    if rng.ndim == (1 if typed else 2):  # One key per row.
+      return jax.vmap(lambda k: jax.random.normal(k, sample.shape[1:], jnp.float32))(rng)
     return jax.random.normal(rng, sample.shape, jnp.float32)
 
   def _x0_clip(self, x0):

@@ -10,7 +10,9 @@ the checkpoint's own units (`denoiser`). `Pipeline` does what every pipeline sha
   `get_label_ids`: each value is a comma-separated list of synonyms);
 * initial noise: `latents=` as given (NHWC), else image i of a call draws
   N(0, I) from `fold_in(PRNGKey(seed), i)`, so an image does not depend on the batch size, the
-  device count or the other labels of the call;
+  device count or the other labels of the call; a stochastic scheduler's fresh noise at each
+  step is drawn per image too, from a key derived from that image's initial noise
+  (`image_keys`, `step_keys`);
 * batching over the device mesh (`sharding.BatchRunner`: fixed-size global batches split over
   the data axes, parameters replicated), one compilation per (batch, steps, scheduler,
   guidance, output) and no Python loop over steps;
@@ -67,6 +69,27 @@ def label_map(id2label: Optional[Mapping[Any, str]]) -> Dict[str, int]:
   return dict(sorted(labels.items()))
 
 
+def image_keys(latents: jax.Array) -> jax.Array:
+  """One PRNG key per image, folded from the bits of its first two initial-noise values: the
+  noise a stochastic sampler draws for an image then depends on that image alone (its seed and
+  index, or the latents the caller gave), not on the batch it shares."""
+  flat = latents.reshape(latents.shape[0], -1)[:, :2].astype(jnp.float32)
+  bits = jax.lax.bitcast_convert_type(flat, jnp.uint32)
+
+  def key(row):
+    k = jax.random.PRNGKey(0)
+    for j in range(row.shape[0]):
+      k = jax.random.fold_in(k, row[j])
+    return k
+
+  return jax.vmap(key)(bits)
+
+
+def step_keys(keys: jax.Array, i) -> jax.Array:
+  """The per-image keys (B, 2) of step i (a traced int is fine)."""
+  return jax.vmap(lambda k: jax.random.fold_in(k, i))(keys)
+
+
 @dataclasses.dataclass(frozen=True)
 class Plan:
   """How one call runs: the global batch, whether the decode goes one image at a time, and the
@@ -107,9 +130,11 @@ class Pipeline:
     raise NotImplementedError
 
   def sample_latents(self, variables, latents: jax.Array, cond, guidance_scale: float,
-                     num_inference_steps: int, scheduler: Optional[str]) -> jax.Array:
+                     num_inference_steps: int, scheduler: Optional[str],
+                     eta: float = 0.0) -> jax.Array:
     """Initial noise (B, h, w, c) float32 and the condition (batched `condition_spec`) -> final
-    latents; pure and jittable (guidance_scale, num_inference_steps, scheduler static)."""
+    latents; pure and jittable (guidance_scale, num_inference_steps, scheduler, eta static).
+    `eta`: DDIM's noise level (diffusers' pipeline argument; the other schedulers ignore it)."""
     raise NotImplementedError
 
   def decode(self, variables, latents: jax.Array) -> jax.Array:
@@ -132,11 +157,11 @@ class Pipeline:
   # -- the program -------------------------------------------------------------------------------
 
   def _program(self, guidance_scale: float, num_inference_steps: int,
-               scheduler: Optional[str], output_type: str,
+               scheduler: Optional[str], eta: float, output_type: str,
                decode_per_image: bool) -> Callable:
     def run(variables, latents, cond):
       latents = self.sample_latents(variables, latents, cond, guidance_scale,
-                                    num_inference_steps, scheduler)
+                                    num_inference_steps, scheduler, eta=eta)
       if output_type == "latent":
         return latents.astype(jnp.float32)
       if decode_per_image:  # One image at a time: the decoder's activations for one image.
@@ -152,7 +177,7 @@ class Pipeline:
     return self._placed_variables
 
   def _compile(self, key: tuple, batch: int, latent_shape=None):
-    """The compiled program for (guidance, steps, scheduler, output, per-image decode), a batch
+    """The compiled program for (guidance, steps, scheduler, eta, output, per-image decode), a batch
     and a latent shape (default `self.latent_shape`)."""
     latent_shape = tuple(latent_shape or self.latent_shape)
     full = key + (batch, latent_shape)
@@ -171,11 +196,11 @@ class Pipeline:
   def plan(self, num_images: int, *, guidance_scale: Optional[float] = None,
            num_inference_steps: Optional[int] = None, scheduler: Optional[str] = None,
            output_type: str = "np", batch_size: Optional[int] = None,
-           max_memory_gb: Optional[float] = None, latent_shape=None) -> Plan:
+           max_memory_gb: Optional[float] = None, latent_shape=None, eta: float = 0.0) -> Plan:
     """The batch (and decode mode) a call runs with; under `max_memory_gb`, the largest batch
     (at most `batch_size`, default all images) whose compiled peak per device fits, trying
     the whole-batch decode before the per-image one at each size."""
-    key = self._key(guidance_scale, num_inference_steps, scheduler, output_type)
+    key = self._key(guidance_scale, num_inference_steps, scheduler, output_type, eta)
     shards = sharding.num_batch_shards(self.mesh)
     want = max(1, int(batch_size or num_images))
     want = shards * math.ceil(want / shards)
@@ -186,7 +211,7 @@ class Pipeline:
     sizes = sorted({shards * max(1, (want // shards) >> k) for k in range(64)}, reverse=True)
     for size in sizes:
       for per_image in ((False, True) if output_type != "latent" else (False,)):
-        peak = peak_bytes(self._compile(key[:4] + (per_image,), size, latent_shape))
+        peak = peak_bytes(self._compile(key + (per_image,), size, latent_shape))
         best = Plan(size, per_image, peak)
         if peak <= budget:
           return best
@@ -197,29 +222,35 @@ class Pipeline:
 
   def compiled_peak_bytes(self, batch_size: int = 1, *, guidance_scale=None,
                           num_inference_steps=None, scheduler=None, output_type: str = "np",
-                          decode_per_image: bool = False, latent_shape=None) -> int:
+                          decode_per_image: bool = False, latent_shape=None,
+                          eta: float = 0.0) -> int:
     """Peak bytes per device of the compiled sampler (+ decode) at `batch_size`, weights
     included. Works with abstract `variables` (ShapeDtypeStructs): nothing is allocated."""
-    key = self._key(guidance_scale, num_inference_steps, scheduler, output_type)
+    key = self._key(guidance_scale, num_inference_steps, scheduler, output_type, eta)
     shards = sharding.num_batch_shards(self.mesh)
     batch = shards * math.ceil(batch_size / shards)
-    return peak_bytes(self._compile(key[:4] + (decode_per_image,), batch, latent_shape))
+    return peak_bytes(self._compile(key + (decode_per_image,), batch, latent_shape))
 
-  def _key(self, guidance_scale, num_inference_steps, scheduler, output_type):
+  def _key(self, guidance_scale, num_inference_steps, scheduler, output_type, eta=0.0):
+    """(guidance, steps, scheduler, eta, output_type): what a compiled program is specific to
+    besides the batch, the latent shape and the per-image decode."""
     if output_type not in OUTPUT_TYPES:
       raise ConfigError(f"output_type {output_type!r}; known: {list(OUTPUT_TYPES)}.")
     guidance = self.default_guidance if guidance_scale is None else float(guidance_scale)
     steps = self.default_steps if num_inference_steps is None else int(num_inference_steps)
     if steps < 1:
       raise ConfigError(f"num_inference_steps must be >= 1, got {steps}.")
-    return (guidance, steps, scheduler, output_type, False)
+    if not float(eta) >= 0:
+      raise ConfigError(f"eta must be >= 0 (DDIM's noise level: 0 deterministic, 1 DDPM-like), "
+                        f"got {eta}.")
+    return (guidance, steps, scheduler, float(eta), output_type)
 
   def generate(self, cond, num_images: int, *, num_inference_steps: Optional[int] = None,
                guidance_scale: Optional[float] = None, latents=None, seed: int = 0,
                scheduler: Optional[str] = None, output_type: str = "np",
                batch_size: Optional[int] = None, max_memory_gb: Optional[float] = None,
                progress: Optional[Callable[[int], None]] = None,
-               latent_shape=None) -> np.ndarray:
+               latent_shape=None, eta: float = 0.0) -> np.ndarray:
     """Images (N, H, W, 3) float32 in [0, 1], or with output_type="latent" the final latents
     (N, h, w, c) before unscaling and decoding, for `cond` (numpy, batched condition_spec).
 
@@ -232,6 +263,7 @@ class Pipeline:
       progress: called with the number of images done after each batch.
       latent_shape: (h, w, c) of this call (pipelines whose size is a call argument, e.g. SD's
         height / width); default `self.latent_shape`.
+      eta: DDIM's eta (see `sample_latents`).
     """
     n = int(num_images)
     latent_shape = tuple(latent_shape or self.latent_shape)
@@ -241,11 +273,11 @@ class Pipeline:
     if latents.shape != (n,) + latent_shape:
       raise ConfigError(f"latents must have shape {(n,) + latent_shape} (N, h, w, c: NHWC) "
                         f"for {n} images; got {latents.shape}.")
-    key = self._key(guidance_scale, num_inference_steps, scheduler, output_type)
+    key = self._key(guidance_scale, num_inference_steps, scheduler, output_type, eta)
     plan = self.plan(n, guidance_scale=guidance_scale, num_inference_steps=num_inference_steps,
                      scheduler=scheduler, output_type=output_type, batch_size=batch_size,
-                     max_memory_gb=max_memory_gb, latent_shape=latent_shape)
-    compiled = self._compile(key[:4] + (plan.decode_per_image,), plan.batch_size, latent_shape)
+                     max_memory_gb=max_memory_gb, latent_shape=latent_shape, eta=eta)
+    compiled = self._compile(key + (plan.decode_per_image,), plan.batch_size, latent_shape)
     runner = sharding.BatchRunner(self.mesh, plan.batch_size)
     variables = self._placed()
     return runner.map(lambda _, batch: compiled(variables, *batch), (latents, cond),

@@ -42,7 +42,8 @@ from jaxgen.convert import efficientvit_diffusion as convert
 from jaxgen.diffusion import dopri5, dpm_solver, samplers
 from jaxgen.diffusion.schedules import Schedule, linear_betas, scaled_linear_betas
 from jaxgen.errors import ConfigError
-from jaxgen.pipelines.base import ClassConditionalPipeline, resolve_dtype
+from jaxgen.pipelines.base import (ClassConditionalPipeline, image_keys, resolve_dtype,
+                                   step_keys)
 
 DEFAULT_GUIDANCE = 6.0  # demo_dc_ae_diffusion_model.py / the README example
 NUM_TRAIN_STEPS = 1000
@@ -60,20 +61,6 @@ def uvit_betas() -> np.ndarray:
 def dit_schedule() -> Schedule:
   """guided-diffusion's "linear" schedule of DiT: 1e-4 .. 0.02 over 1000 steps."""
   return Schedule.from_betas(linear_betas(NUM_TRAIN_STEPS, 1e-4, 0.02))
-
-
-def image_keys(latents: jax.Array) -> jax.Array:
-  """One PRNG key per image, folded from the bits of its first two latent values."""
-  flat = latents.reshape(latents.shape[0], -1)[:, :2].astype(jnp.float32)
-  bits = jax.lax.bitcast_convert_type(flat, jnp.uint32)
-
-  def key(row):
-    k = jax.random.PRNGKey(0)
-    for j in range(row.shape[0]):
-      k = jax.random.fold_in(k, row[j])
-    return k
-
-  return jax.vmap(key)(bits)
 
 
 class DCAEDiffusionPipeline(ClassConditionalPipeline):
@@ -154,12 +141,14 @@ class DCAEDiffusionPipeline(ClassConditionalPipeline):
     """The DiT sampler's fresh noise: i -> (B, h, w, c) for grid point i, per image from
     `image_keys(latents)` (latents: the initial noise)."""
     keys = image_keys(latents)
-    draw = lambda i: jax.vmap(lambda k: jax.random.normal(
-        jax.random.fold_in(k, i), self.latent_shape, jnp.float32))(keys)
+    draw = lambda i: jax.vmap(lambda k: jax.random.normal(k, self.latent_shape, jnp.float32))(
+        step_keys(keys, i))
     return draw
 
   def sample_latents(self, variables, latents, labels, guidance_scale, num_inference_steps,
-                     scheduler):
+                     scheduler, eta=0.0):
+    if eta:
+      raise ConfigError(f"eta={eta}: efficientvit's samplers for this checkpoint take no eta.")
     known = SCHEDULERS[self.sampler]
     name = known[0] if scheduler is None else scheduler
     if name not in known:

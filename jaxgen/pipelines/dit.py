@@ -29,7 +29,8 @@ from jaxgen.convert.common import read_json
 from jaxgen.convert import vae_kl as vae_convert
 from jaxgen.diffusion import schedulers as schedulers_lib
 from jaxgen.errors import WeightsError
-from jaxgen.pipelines.base import ClassConditionalPipeline, resolve_dtype
+from jaxgen.pipelines.base import (ClassConditionalPipeline, image_keys, resolve_dtype,
+                                   step_keys)
 
 
 def read_model_index(path: str) -> dict:
@@ -116,9 +117,10 @@ class DiTPipeline(ClassConditionalPipeline):
                                                                           name)
 
   def sample_latents(self, variables, latents, labels, guidance_scale, num_inference_steps,
-                     scheduler):
+                     scheduler, eta=0.0):
     sched = self.get_scheduler(scheduler)
-    plan = sched.plan(num_inference_steps)
+    plan = sched.plan(num_inference_steps, eta=eta)
+    keys = image_keys(latents)
     c = self.latent_channels
 
     def model_output(x, t):
@@ -128,10 +130,10 @@ class DiTPipeline(ClassConditionalPipeline):
     def step(carry, i):
       x, state = carry
       x = sched.scale_model_input(plan, i, x)
-      # Stochastic schedulers (DDPM, ancestral) draw from a fixed key per step: deterministic,
-      # though not diffusers' torch generator stream.
+      # Stochastic schedulers (DDPM, ancestral, DDIM with eta) draw each image's noise from
+      # its own key: the same distribution as diffusers, not its torch generator stream.
       x, state = sched.step(plan, i, model_output(x, plan.timesteps[i]), x, state,
-                            jax.random.fold_in(jax.random.PRNGKey(0), i))
+                            step_keys(keys, i))
       return (x, state), None
 
     x = latents.astype(jnp.float32)

@@ -48,7 +48,7 @@ from jaxgen.convert.common import read_json
 from jaxgen.diffusion import schedulers as schedulers_lib
 from jaxgen.errors import ConfigError, WeightsError
 from jaxgen.models.fastcomposer import FastComposer
-from jaxgen.pipelines.base import resolve_dtype
+from jaxgen.pipelines.base import image_keys, resolve_dtype, step_keys
 from jaxgen.pipelines.dit import read_model_index
 from jaxgen.pipelines.stable_diffusion import Prompts, StableDiffusionPipeline
 from jaxgen.text.clip_tokenizer import CLIPTokenizer
@@ -205,7 +205,7 @@ class FastComposerPipeline(StableDiffusionPipeline):
                start_merge_step: int = 10, height: Optional[int] = None,
                width: Optional[int] = None, latents=None, seed: int = 0,
                scheduler: Optional[str] = None, num_images_per_prompt: int = 1,
-               output_type: str = "np", batch_size: Optional[int] = None,
+               eta: float = 0.0, output_type: str = "np", batch_size: Optional[int] = None,
                max_memory_gb: Optional[float] = None,
                progress: Optional[Callable[[int], None]] = None) -> np.ndarray:
     """Images (len(prompt) * num_images_per_prompt, height, width, 3) float32 in [0, 1].
@@ -232,7 +232,7 @@ class FastComposerPipeline(StableDiffusionPipeline):
                          guidance_scale=guidance_scale, latents=latents, seed=seed,
                          scheduler=scheduler, output_type=output_type, batch_size=batch_size,
                          max_memory_gb=max_memory_gb, progress=progress,
-                         latent_shape=self.latent_size(height, width))
+                         latent_shape=self.latent_size(height, width), eta=eta)
 
   # -- the program --------------------------------------------------------------------------------
 
@@ -246,9 +246,10 @@ class FastComposerPipeline(StableDiffusionPipeline):
                                cond["subject_valid"], method="fuse")
 
   def sample_latents(self, variables, latents, cond, guidance_scale, num_inference_steps,
-                     scheduler):
+                     scheduler, eta=0.0):
     sched = self.get_scheduler(scheduler)
-    plan = sched.plan(num_inference_steps)
+    plan = sched.plan(num_inference_steps, eta=eta)
+    keys = image_keys(latents)  # Each image's own stochastic-step noise.
     context = self.encode_prompt(variables, cond, guidance_scale)  # [negative;] text-only
     augmented = self.augmented_prompt(variables, cond).astype(context.dtype)
     b = latents.shape[0]
@@ -263,7 +264,7 @@ class FastComposerPipeline(StableDiffusionPipeline):
       noise_pred = self.noise_prediction(variables, model_input, plan.timesteps[i], current,
                                          cond, guidance_scale)
       x, state = sched.step(plan, i, noise_pred, x, state,
-                            jax.random.fold_in(jax.random.PRNGKey(0), i))
+                            step_keys(keys, i))
       return (x, state), None
 
     x = latents.astype(jnp.float32) * plan.init_noise_sigma

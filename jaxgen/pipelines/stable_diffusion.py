@@ -29,11 +29,12 @@ diffusers' `StableDiffusionPipeline.__call__` (diffusers 0.42.1):
   sample_size < 64 are read as 64.
 
 Beyond diffusers: a single negative prompt string applies to every prompt of a list (diffusers
-raises a TypeError there). Not supported: prompt embeddings as input, `eta` (DDIM is
-deterministic here), custom timesteps / sigmas, LoRA, textual inversion, and U-Nets with a
-guidance embedding (`time_cond_proj_dim`, refused when the U-Net is read). Stochastic
-schedulers (DDPM, Euler ancestral) draw from a fixed key per step: deterministic, though not
-diffusers' torch generator stream.
+raises a TypeError there). Not supported: prompt embeddings as input, custom
+timesteps / sigmas, LoRA, textual inversion, and U-Nets with a guidance embedding
+(`time_cond_proj_dim`, refused when the U-Net is read). Stochastic steps (DDPM, Euler
+ancestral, DDIM with `eta` > 0) draw each image's noise from a key of its own
+(`base.image_keys`): reproducible per seed and independent of the batch, the same distribution
+as diffusers' though not its torch generator stream.
 """
 
 import logging
@@ -53,7 +54,7 @@ from jaxgen.convert.common import read_json
 from jaxgen.diffusion import schedulers as schedulers_lib
 from jaxgen.errors import ConfigError, WeightsError
 from jaxgen.models.clip import CLIPEncoderLayer
-from jaxgen.pipelines.base import Pipeline, resolve_dtype
+from jaxgen.pipelines.base import Pipeline, image_keys, resolve_dtype, step_keys
 from jaxgen.pipelines.dit import component_dir, read_model_index
 from jaxgen.text.clip_tokenizer import CLIPTokenizer
 
@@ -223,7 +224,7 @@ class StableDiffusionPipeline(Pipeline):
                num_inference_steps: Optional[int] = 50, guidance_scale: Optional[float] = 7.5,
                height: Optional[int] = None, width: Optional[int] = None, latents=None,
                seed: int = 0, scheduler: Optional[str] = None, num_images_per_prompt: int = 1,
-               guidance_rescale: float = 0.0, clip_skip: Optional[int] = None,
+               eta: float = 0.0, guidance_rescale: float = 0.0, clip_skip: Optional[int] = None,
                output_type: str = "np", batch_size: Optional[int] = None,
                max_memory_gb: Optional[float] = None,
                progress: Optional[Callable[[int], None]] = None) -> np.ndarray:
@@ -238,7 +239,8 @@ class StableDiffusionPipeline(Pipeline):
         by init_noise_sigma (diffusers' `latents=`, transposed from NCHW); else drawn per
         image from `seed` (see `Pipeline.noise`).
       scheduler: None (the directory's) or another algorithm by name or alias.
-      guidance_rescale, clip_skip: as diffusers' arguments of the same names.
+      eta, guidance_rescale, clip_skip: as diffusers' arguments of the same names (eta: DDIM's
+        noise level, ignored by the other schedulers).
       output_type: "np" (images) or "latent" (the final latents, still scaled).
       batch_size, max_memory_gb, progress: see `Pipeline.generate`.
     """
@@ -248,7 +250,7 @@ class StableDiffusionPipeline(Pipeline):
                          guidance_scale=guidance_scale, latents=latents, seed=seed,
                          scheduler=scheduler, output_type=output_type, batch_size=batch_size,
                          max_memory_gb=max_memory_gb, progress=progress,
-                         latent_shape=self.latent_size(height, width))
+                         latent_shape=self.latent_size(height, width), eta=eta)
 
   # -- the program --------------------------------------------------------------------------------
 
@@ -305,9 +307,10 @@ class StableDiffusionPipeline(Pipeline):
                            context.astype(self.dtype)).astype(jnp.float32)
 
   def sample_latents(self, variables, latents, cond, guidance_scale, num_inference_steps,
-                     scheduler):
+                     scheduler, eta=0.0):
     sched = self.get_scheduler(scheduler)
-    plan = sched.plan(num_inference_steps)
+    plan = sched.plan(num_inference_steps, eta=eta)
+    keys = image_keys(latents)  # Each image's own stochastic-step noise.
     context = self.encode_prompt(variables, cond, guidance_scale)
 
     def step(carry, i):
@@ -316,7 +319,7 @@ class StableDiffusionPipeline(Pipeline):
       noise_pred = self.noise_prediction(variables, model_input, plan.timesteps[i], context,
                                          cond, guidance_scale)
       x, state = sched.step(plan, i, noise_pred, x, state,
-                            jax.random.fold_in(jax.random.PRNGKey(0), i))
+                            step_keys(keys, i))
       return (x, state), None
 
     x = latents.astype(jnp.float32) * plan.init_noise_sigma
