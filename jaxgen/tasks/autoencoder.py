@@ -298,12 +298,14 @@ class AutoencoderTask:
     fn = jax.jit(self.reconstruct, in_shardings=(None, runner.split), out_shardings=runner.split)
     return runner.map(lambda i, x: fn(variables, x), np.asarray(images, np.float32))
 
-  def held_out(self, limit: Optional[int] = None) -> np.ndarray:
-    """The first `limit` images of the test split, unshuffled and unaugmented."""
+  def held_out(self, limit: Optional[int] = None, shuffled: bool = False) -> np.ndarray:
+    """The first `limit` images of the test split, unaugmented; `shuffled`: of the split in a
+    fixed random order (the visuals: a split stored class by class, as MNIST-5k's, would show
+    one class only)."""
     limit = self.config.eval.num_samples if limit is None else limit
     it = data_lib.make_iterator(self.config.data, split="test", global_batch_size=64, seed=0,
-                                shuffle=False, num_epochs=1, process_index=0, process_count=1,
-                                drop_remainder=False, augment=False)
+                                shuffle=shuffled, num_epochs=1, process_index=0,
+                                process_count=1, drop_remainder=False, augment=False)
     images, n = [], 0
     for b in it:
       images.append(b["image"])
@@ -320,14 +322,14 @@ class AutoencoderTask:
 
   def write_sample_grid(self, setup, state, path: str) -> None:
     """Training-time visual: held-out inputs beside their reconstructions."""
-    images = self.held_out(self.config.autoencoder.num_visual)
+    images = self.held_out(self.config.autoencoder.num_visual, shuffled=True)
     recon = self.reconstruct_batches(setup, images, state)
     if jax.process_index() == 0:
       visualize.save_png(path, self._side_by_side(images, recon), min_size=512)
 
   def write_samples(self, setup, out: str) -> None:
     """reconstructions.npz (uint8 inputs, reconstructions) and side_by_side.png."""
-    images = self.held_out(self.config.autoencoder.num_visual)
+    images = self.held_out(self.config.autoencoder.num_visual, shuffled=True)
     recon = self.reconstruct_batches(setup, images)
     if jax.process_index() != 0:
       return
