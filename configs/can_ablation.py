@@ -32,9 +32,7 @@ ARMS = {
 
 
 def get_config(arg=None):
-  arm = "can" if arg in (None, "smoke") else arg
-  if arm not in ARMS:
-    raise ValueError(f"unknown preset {arg!r}; presets: {sorted(ARMS)}, smoke")
+  arm = common.ablation_arm(arg, ARMS)
   c = common.base_config()
   c.data.update(dict(source="mnist5k", image_size=14, random_flip=False, num_classes=10))
   c.model = common.model_section(dict(

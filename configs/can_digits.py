@@ -87,9 +87,7 @@ ARMS = {
 
 
 def get_config(arg=None):
-  arm = "can" if arg in (None, "smoke") else arg
-  if arm not in ARMS:
-    raise ValueError(f"unknown preset {arg!r}; presets: smoke, {', '.join(ARMS)}")
+  arm = common.ablation_arm(arg, ARMS)
   c = common_latent.imagenet_config(32, dict(MODEL, **ARMS[arm]))
   c.data.update(dict(source="mnist5k", tfds_name="", image_size=32, random_flip=False,
                      num_classes=10))

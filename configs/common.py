@@ -67,6 +67,14 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+def ablation_arm(arg, arms: dict) -> str:
+  """The arm a CAN-vs-adaLN config's preset names: "can" for no preset and for "smoke"."""
+  arm = "can" if arg in (None, "smoke") else arg
+  if arm not in arms:
+    raise ValueError(f"unknown preset {arg!r}; presets: smoke, {', '.join(arms)}")
+  return arm
+
+
 def smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Shrinks a config to a seconds-long CPU run of the same pipeline."""
   c.training.update(batch_size=16, steps=4, log_every=2, sample_every=0)

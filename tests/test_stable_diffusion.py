@@ -232,6 +232,14 @@ def test_stochastic_steps_draw_per_image_noise(pipelines):
   assert np.abs(deterministic[0] - alone[0]).max() > 1e-4
   with pytest.raises(ConfigError, match="eta must be >= 0"):
     ours("a cat", eta=-1.0)
+  # Another stochastic path (Euler ancestral: init_noise_sigma, scaled inputs, sigma_up noise)
+  # on the other fixture (SD 2: v-prediction, linear projections): the same per-image property.
+  _, _, sd2, _ = pipelines("sd2")
+  both = sd2(PROMPTS, latents=latents, num_inference_steps=3, guidance_scale=4.0,
+             scheduler="euler_a", seed=1)
+  alone = sd2(PROMPTS[:1], latents=latents[:1], num_inference_steps=3, guidance_scale=4.0,
+              scheduler="euler_a", seed=1)
+  np.testing.assert_allclose(alone[0], both[0], atol=1e-5)
 
 
 def test_generate_cli(pipelines, tmp_path, capsys):
